@@ -1,0 +1,178 @@
+"""Domain records of the interaction graph: what one ``RecordResponse`` stores.
+
+An *interaction* is one recorded turn of a user's conversation: the query, the model that
+answered, its response and the user's feedback. Feedback is either an absolute rating
+(normalised to [0, 1]) or a pairwise comparison between two models' responses to the same
+query (Bradley–Terry outcome 1 / 0, or 0.5 / 0.5 for a tie).
+
+In the graph (seed: ``shared/seed/gmtrouter-selection.txt``, "Graph Structure") every outcome
+becomes one *turn* node (the seed's virtual turn node; one per user, conversation, model and
+turn step) joined to the user, the query, the LLM and a response node carrying the outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Comparison:
+    """A pairwise preference between two models' responses to the same query.
+
+    Attributes:
+        winner_model: The preferred model (or, when ``tie``, the first of the two).
+        loser_model: The other model.
+        tie: True when the user preferred neither.
+    """
+
+    winner_model: str
+    loser_model: str
+    tie: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """One model's outcome in one interaction: a turn node of the graph.
+
+    Attributes:
+        model: LLM name.
+        value: Outcome in [0, 1]: 1 won / best rating, 0 lost / worst rating, 0.5 tie.
+    """
+
+    model: str
+    value: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Interaction:
+    """One recorded interaction (one ``RecordResponse``).
+
+    Attributes:
+        interaction_id: Unique id (server-made unless the client linked a ``Select``).
+        user_id: End-user id.
+        session_id: Conversation id; turns of one session are chained.
+        turn_index: 0-based turn position inside the session.
+        query: Query text ("" when the deployment keeps no raw text).
+        query_embedding: float32 array of shape ``[D]`` (D = embedding dimension).
+        model: The model that produced ``response`` ("" for a comparison without text).
+        response: Response text.
+        timestamp_s: Unix time in seconds (float).
+        idempotency_key: Client key; a second record with the same key is a duplicate.
+        rating: Normalised rating in [0, 1], or None.
+        comparison: Pairwise outcome, or None.
+    """
+
+    interaction_id: str
+    user_id: str
+    session_id: str
+    turn_index: int
+    query: str
+    query_embedding: npt.NDArray[np.float32]
+    model: str
+    response: str
+    timestamp_s: float
+    idempotency_key: str
+    rating: float | None = None
+    comparison: Comparison | None = None
+
+    def outcomes(self) -> list[Outcome]:
+        """The turn nodes this interaction adds to the graph.
+
+        Returns:
+            A comparison gives two outcomes (winner 1.0 and loser 0.0, or 0.5 each for a
+            tie); a rating gives one outcome for ``model``; no feedback gives one outcome of
+            0.5 (the response was served, nothing is known of its quality).
+        """
+        if self.comparison is not None:
+            c = self.comparison
+            if c.tie:
+                return [Outcome(c.winner_model, 0.5), Outcome(c.loser_model, 0.5)]
+            return [Outcome(c.winner_model, 1.0), Outcome(c.loser_model, 0.0)]
+        if self.rating is not None:
+            return [Outcome(self.model, float(self.rating))]
+        return [Outcome(self.model, 0.5)]
+
+    def models(self) -> list[str]:
+        """Every model name this interaction mentions (deduplicated, in order)."""
+        names = [o.model for o in self.outcomes()]
+        if self.model and self.model not in names:
+            names.append(self.model)
+        return list(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RecordResult:
+    """What the store did with one interaction.
+
+    Attributes:
+        interaction_id: The stored id (the earlier one for a duplicate).
+        duplicate: True when the idempotency key was seen before and nothing was written.
+    """
+
+    interaction_id: str
+    duplicate: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairCount:
+    """Aggregated pairwise outcomes between two models, for Bradley–Terry fitting.
+
+    Attributes:
+        model_a: First model (lexicographically smaller name).
+        model_b: Second model.
+        wins_a: Times ``model_a`` won (ties add 0.5 to each side).
+        wins_b: Times ``model_b`` won.
+    """
+
+    model_a: str
+    model_b: str
+    wins_a: float
+    wins_b: float
+
+
+def new_interaction_id() -> str:
+    """A fresh random interaction id (UUID4 hex, 32 characters)."""
+    return uuid.uuid4().hex
+
+
+def normalise_rating(value: float, scale_min: float, scale_max: float) -> float:
+    """Map a rating on ``[scale_min, scale_max]`` to [0, 1].
+
+    Raises:
+        ValueError: when the scale is empty or the value lies outside it.
+    """
+    if not scale_max > scale_min:
+        raise ValueError(
+            f"rating scale_max (got {scale_max}) must exceed scale_min (got {scale_min})"
+        )
+    if not scale_min <= value <= scale_max:
+        raise ValueError(f"rating value (got {value}) must lie in [{scale_min}, {scale_max}]")
+    return (value - scale_min) / (scale_max - scale_min)
+
+
+def pair_counts_from(interactions: Sequence[Interaction]) -> list[PairCount]:
+    """Aggregate the comparisons among ``interactions`` into per-pair win counts.
+
+    Returns:
+        One :class:`PairCount` per unordered model pair seen, sorted by names.
+    """
+    acc: dict[tuple[str, str], list[float]] = {}
+    for it in interactions:
+        c = it.comparison
+        if c is None or c.winner_model == c.loser_model:
+            continue
+        a, b = sorted((c.winner_model, c.loser_model))
+        cell = acc.setdefault((a, b), [0.0, 0.0])
+        if c.tie:
+            cell[0] += 0.5
+            cell[1] += 0.5
+        elif c.winner_model == a:
+            cell[0] += 1.0
+        else:
+            cell[1] += 1.0
+    return [PairCount(a, b, w[0], w[1]) for (a, b), w in sorted(acc.items())]

@@ -1,0 +1,389 @@
+"""The embedded, zero-setup graph store: SQLite from the standard library.
+
+Durable with no server: every acknowledged write is committed in WAL mode with
+``synchronous=FULL`` (the WAL is fsynced at each commit), so it survives a crash or restart.
+``":memory:"`` gives a throw-away store for tests.
+
+Tables (the graph of the seed, "Graph Structure"): ``users`` (user nodes with a per-user
+version), ``llms`` (LLM nodes), ``interactions`` (one query node per row, with the raw
+feedback), ``turns`` (one turn node and its response node per outcome: the turn's user,
+session, step, LLM and outcome), ``pair_counts`` (pairwise win counts kept in the same
+transaction, for the Bradley–Terry prior).
+
+All SQLite calls run on one dedicated thread, never on the event loop. Concurrent
+``record`` calls are committed together (group commit): a call returns only after the
+transaction holding its rows has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from graphstore.errors import InvalidInteractionError, StoreUnavailableError
+from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood
+from graphstore.store import GraphStore
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS llms (
+    name TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS interactions (
+    interaction_id TEXT PRIMARY KEY,
+    idempotency_key TEXT UNIQUE,
+    user_id TEXT NOT NULL REFERENCES users(user_id),
+    session_id TEXT NOT NULL,
+    turn_index INTEGER NOT NULL,
+    query TEXT NOT NULL,
+    query_embedding BLOB NOT NULL,
+    model TEXT NOT NULL,
+    response TEXT NOT NULL,
+    rating REAL,
+    winner_model TEXT,
+    loser_model TEXT,
+    tie INTEGER,
+    ts REAL NOT NULL,
+    seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    turn_id TEXT PRIMARY KEY,
+    interaction_id TEXT NOT NULL REFERENCES interactions(interaction_id),
+    user_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    turn_index INTEGER NOT NULL,
+    llm TEXT NOT NULL REFERENCES llms(name),
+    outcome REAL NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS turns_by_user ON turns(user_id, ts DESC, turn_id DESC);
+CREATE INDEX IF NOT EXISTS turns_by_llm ON turns(llm, ts DESC, turn_id DESC);
+CREATE INDEX IF NOT EXISTS interactions_by_user ON interactions(user_id);
+CREATE TABLE IF NOT EXISTS pair_counts (
+    model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    wins_a REAL NOT NULL,
+    wins_b REAL NOT NULL,
+    PRIMARY KEY (model_a, model_b)
+);
+"""
+
+
+class SQLiteGraphStore(GraphStore):
+    """Embedded graph store on a SQLite file.
+
+    Args:
+        path: Database file (created with its parent folder when missing) or ``":memory:"``.
+        embedding_dim: Query-embedding dimension ``D``; every interaction must match it.
+        busy_timeout_ms: How long a write waits for a lock held by another process (ms).
+    """
+
+    def __init__(self, path: str | Path, embedding_dim: int, busy_timeout_ms: int = 5000) -> None:
+        self.path = str(path)
+        self.embedding_dim = embedding_dim
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[tuple[list[Interaction], asyncio.Future[list[RecordResult]]]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (or create) the database and its schema. Idempotent."""
+        if self._conn is not None:
+            return
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sqlite-store"
+        )
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            if self.path != ":memory:":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+        self._conn = conn
+
+    async def close(self) -> None:
+        """Commit whatever is pending, then close. Safe to call twice."""
+        if self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+        if self._conn is None or self._executor is None:
+            return
+        await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            raise StoreUnavailableError("the SQLite store is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreUnavailableError("the SQLite store is not open")
+        return self._conn
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """See :meth:`GraphStore.record`. Concurrent calls share one commit (group commit)."""
+        batch = list(interactions)
+        for it in batch:
+            self._check(it)
+        if not batch:
+            return []
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[RecordResult]] = loop.create_future()
+        self._pending.append((batch, fut))
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_loop())
+        return await asyncio.shield(fut)
+
+    def _check(self, it: Interaction) -> None:
+        emb = it.query_embedding
+        if emb.dtype != np.float32 or emb.shape != (self.embedding_dim,):
+            raise InvalidInteractionError(
+                f"query_embedding must be float32 [{self.embedding_dim}] "
+                f"(got {emb.dtype} {list(emb.shape)})"
+            )
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            groups, self._pending = self._pending, []
+            try:
+                results = await self._run(lambda g=groups: self._write_groups(g))  # type: ignore[misc]
+            except Exception as exc:
+                err = (
+                    exc
+                    if isinstance(exc, StoreUnavailableError)
+                    else StoreUnavailableError(f"SQLite write failed: {exc}")
+                )
+                for _, fut in groups:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), res in zip(groups, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _write_groups(
+        self, groups: list[tuple[list[Interaction], asyncio.Future[list[RecordResult]]]]
+    ) -> list[list[RecordResult]]:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            out = [[self._write_one(conn, it) for it in batch] for batch, _ in groups]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return out
+
+    def _write_one(self, conn: sqlite3.Connection, it: Interaction) -> RecordResult:
+        if it.idempotency_key:
+            row = conn.execute(
+                "SELECT interaction_id FROM interactions WHERE idempotency_key = ?",
+                (it.idempotency_key,),
+            ).fetchone()
+            if row is not None:
+                return RecordResult(row[0], duplicate=True)
+        row = conn.execute(
+            "SELECT interaction_id FROM interactions WHERE interaction_id = ?", (it.interaction_id,)
+        ).fetchone()
+        if row is not None:
+            return RecordResult(row[0], duplicate=True)
+        conn.execute(
+            "INSERT INTO users(user_id, version) VALUES (?, 1) "
+            "ON CONFLICT(user_id) DO UPDATE SET version = version + 1",
+            (it.user_id,),
+        )
+        conn.executemany("INSERT OR IGNORE INTO llms(name) VALUES (?)", [(m,) for m in it.models()])
+        c = it.comparison
+        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM interactions").fetchone()[0]
+        conn.execute(
+            "INSERT INTO interactions(interaction_id, idempotency_key, user_id, session_id, "
+            "turn_index, query, query_embedding, model, response, rating, winner_model, "
+            "loser_model, tie, ts, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                it.interaction_id,
+                it.idempotency_key or None,
+                it.user_id,
+                it.session_id,
+                it.turn_index,
+                it.query,
+                it.query_embedding.astype("<f4").tobytes(),
+                it.model,
+                it.response,
+                it.rating,
+                c.winner_model if c else None,
+                c.loser_model if c else None,
+                int(c.tie) if c else None,
+                it.timestamp_s,
+                seq,
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO turns(turn_id, interaction_id, user_id, session_id, turn_index, llm, "
+            "outcome, ts) VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (
+                    f"{it.interaction_id}:{o.model}",
+                    it.interaction_id,
+                    it.user_id,
+                    it.session_id,
+                    it.turn_index,
+                    o.model,
+                    o.value,
+                    it.timestamp_s,
+                )
+                for o in it.outcomes()
+            ],
+        )
+        if c is not None and c.winner_model != c.loser_model:
+            a, b = sorted((c.winner_model, c.loser_model))
+            if c.tie:
+                wa = wb = 0.5
+            else:
+                wa, wb = (1.0, 0.0) if c.winner_model == a else (0.0, 1.0)
+            conn.execute(
+                "INSERT INTO pair_counts(model_a, model_b, wins_a, wins_b) VALUES (?,?,?,?) "
+                "ON CONFLICT(model_a, model_b) DO UPDATE SET wins_a = wins_a + excluded.wins_a, "
+                "wins_b = wins_b + excluded.wins_b",
+                (a, b, wa, wb),
+            )
+        return RecordResult(it.interaction_id, duplicate=False)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """See :meth:`GraphStore.neighbourhood`."""
+        if not 1 <= hops <= 4:
+            raise ValueError(f"hops (got {hops}) must be in 1..4")
+        if len(fan_out) < 3 or any(f < 0 for f in fan_out):
+            raise ValueError(f"fan_out (got {list(fan_out)}) needs 3+ non-negative entries")
+        return await self._run(lambda: self._neighbourhood_sync(user_id, hops, list(fan_out)))
+
+    def _neighbourhood_sync(self, user_id: str, hops: int, fan_out: list[int]) -> Neighbourhood:
+        conn = self._db()
+        conn.execute("BEGIN")
+        try:
+            row = conn.execute("SELECT version FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            version = int(row[0]) if row else 0
+            cols = "turn_id, interaction_id, user_id, session_id, turn_index, llm, outcome, ts"
+            turns = [
+                TurnRow(*r)
+                for r in conn.execute(
+                    f"SELECT {cols} FROM turns WHERE user_id = ? "
+                    "ORDER BY ts DESC, turn_id DESC LIMIT ?",
+                    (user_id, fan_out[0]),
+                )
+            ]
+            if hops >= 3 and turns:
+                for llm in sorted({t.llm for t in turns}):
+                    turns += [
+                        TurnRow(*r)
+                        for r in conn.execute(
+                            f"SELECT {cols} FROM turns WHERE llm = ? AND user_id != ? "
+                            "ORDER BY ts DESC, turn_id DESC LIMIT ?",
+                            (llm, user_id, fan_out[2]),
+                        )
+                    ]
+            query_ids = list(dict.fromkeys(t.interaction_id for t in turns))
+            embeddings: dict[str, bytes] = {}
+            for start in range(0, len(query_ids), 500):
+                chunk = query_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for qid, blob in conn.execute(
+                    f"SELECT interaction_id, query_embedding FROM interactions "
+                    f"WHERE interaction_id IN ({marks})",
+                    chunk,
+                ):
+                    embeddings[qid] = blob
+        finally:
+            conn.execute("COMMIT")
+        return assemble_neighbourhood(
+            user_id, version, turns, {q: embeddings[q] for q in query_ids}, self.embedding_dim
+        )
+
+    async def user_version(self, user_id: str) -> int:
+        """See :meth:`GraphStore.user_version`."""
+
+        def read() -> int:
+            row = (
+                self._db()
+                .execute("SELECT version FROM users WHERE user_id = ?", (user_id,))
+                .fetchone()
+            )
+            return int(row[0]) if row else 0
+
+        return await self._run(read)
+
+    async def list_models(self) -> list[str]:
+        """See :meth:`GraphStore.list_models`."""
+        return await self._run(
+            lambda: [r[0] for r in self._db().execute("SELECT name FROM llms ORDER BY name")]
+        )
+
+    async def pair_counts(self) -> list[PairCount]:
+        """See :meth:`GraphStore.pair_counts`."""
+        return await self._run(
+            lambda: [
+                PairCount(a, b, float(wa), float(wb))
+                for a, b, wa, wb in self._db().execute(
+                    "SELECT model_a, model_b, wins_a, wins_b FROM pair_counts "
+                    "ORDER BY model_a, model_b"
+                )
+            ]
+        )
+
+    async def counts(self) -> dict[str, int]:
+        """See :meth:`GraphStore.counts`."""
+
+        def read() -> dict[str, int]:
+            db = self._db()
+
+            def one(sql: str) -> int:
+                return int(db.execute(sql).fetchone()[0])
+
+            n_int = one("SELECT COUNT(*) FROM interactions")
+            n_turn = one("SELECT COUNT(*) FROM turns")
+            return {
+                "user": one("SELECT COUNT(*) FROM users"),
+                "llm": one("SELECT COUNT(*) FROM llms"),
+                "query": n_int,
+                "response": n_turn,
+                "turn": n_turn,
+                "interaction": n_int,
+            }
+
+        return await self._run(read)

@@ -1,0 +1,96 @@
+"""The ``GraphStore`` interface: the durable interaction graph behind the router.
+
+Two implementations: :class:`graphstore.sqlite_store.SQLiteGraphStore` (embedded, the
+zero-setup default) and the Neo4j store (production). Both are async so that they fit the
+``grpc.aio`` server; both are safe to share between concurrent coroutines of one process, and
+both keep every piece of shared state in the database, so several server replicas may use
+one store.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.neighbourhood import Neighbourhood
+
+
+class GraphStore(abc.ABC):
+    """Durable store of user–query–response–LLM–turn interactions.
+
+    Errors: every method raises :class:`graphstore.errors.StoreUnavailableError` when the
+    backing database cannot be reached; nothing is partially written in that case.
+    """
+
+    #: Query-embedding dimension ``D`` this store was opened with.
+    embedding_dim: int
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create the schema (idempotently) and get ready for requests."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and release connections. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """Durably write interactions, idempotently on ``idempotency_key``.
+
+        Returns once every interaction is durable (committed), one result per input in
+        order. An interaction whose ``idempotency_key`` (or ``interaction_id``) was stored
+        before is not written again and gets ``duplicate=True`` with the stored id.
+
+        Raises:
+            InvalidInteractionError: a query embedding is not float32 ``[D]``.
+            StoreUnavailableError: the database failed; nothing of the batch was written.
+        """
+
+    @abc.abstractmethod
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """Sample the user's k-hop neighbourhood, newest first, with a fan-out cap per node.
+
+        Graph distance from the user node (seed, "Graph Structure"):
+            1. the user's turns (the newest ``fan_out[0]``);
+            2. their query, LLM, response and previous-turn nodes;
+            3. other users' turns of the same LLMs (the newest ``fan_out[2]`` per LLM);
+            4. those turns' users, queries and responses.
+        A turn always comes with its query, LLM, response and user (the arrays need them),
+        so ``hops`` 1 and 2 give the same subgraph, and so do 3 and 4.
+
+        Args:
+            user_id: The seed user; an unknown user gives :meth:`Neighbourhood.empty`.
+            hops: k, 1–4.
+            fan_out: Caps per distance; ``fan_out[0]`` bounds the user's turns and
+                ``fan_out[2]`` the other turns taken per LLM. Other entries are unused (a
+                turn has exactly one query, LLM, response, user and previous turn).
+
+        Returns:
+            The subgraph as plain arrays; the seed user is ``user_ids[0]``.
+        """
+
+    @abc.abstractmethod
+    async def user_version(self, user_id: str) -> int:
+        """The user's graph version: the number of writes that touched the user (0 if unknown).
+
+        Cheap (one indexed read); replicas compare it with their cached state.
+        """
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[str]:
+        """Names of every LLM node, sorted."""
+
+    @abc.abstractmethod
+    async def pair_counts(self) -> list[PairCount]:
+        """Pairwise win counts over all recorded comparisons (for the Bradley–Terry prior)."""
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[str, int]:
+        """Number of nodes per type and of interactions.
+
+        Returns:
+            ``{"user", "llm", "query", "response", "turn", "interaction"}`` → count.
+        """

@@ -1,0 +1,304 @@
+"""Service configuration: one YAML file, validated by pydantic, built once at start-up.
+
+The ``decision`` and ``models`` sections use exactly the seed's keys
+(``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
+``store``, ``sampler``, ``embedding``, ``logging``, ``limits`` and ``streaming`` are ours.
+Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
+override ``store.neo4j.*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+#: Default location of the embedded database, relative to the working directory.
+DEFAULT_STORE_URI = "sqlite:///data/gmtrouter.db"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GMTRouterSettings(_Section):
+    """``decision.algorithm.gmtrouter`` — the network (seed "Key Parameters")."""
+
+    num_layers: int = Field(2, ge=1, le=5, description="Number of HGT layers (1-5).")
+    hidden_dim: int = Field(64, ge=8, le=1024, description="Hidden dimension size.")
+    num_heads: int = Field(4, ge=1, le=16, description="Number of attention heads.")
+    learn_preferences: bool = Field(
+        True, description="Fine-tune the network online from recorded feedback."
+    )
+    model_path: str | None = Field(
+        None, description="Path to pre-trained weights (a `gmtrouter train` checkpoint)."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> GMTRouterSettings:
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"hidden_dim (got {self.hidden_dim}) must be divisible by num_heads "
+                f"(got {self.num_heads})"
+            )
+        return self
+
+
+class AlgorithmSettings(_Section):
+    """``decision.algorithm``."""
+
+    type: Literal["gmtrouter"] = "gmtrouter"
+    gmtrouter: GMTRouterSettings = GMTRouterSettings()
+
+
+class DecisionSettings(_Section):
+    """``decision``."""
+
+    algorithm: AlgorithmSettings = AlgorithmSettings()
+
+
+class ModelEntry(_Section):
+    """One entry of ``models``: an LLM the gateway can route to."""
+
+    name: str = Field(min_length=1, description="Model name as the gateway sends it.")
+    backend: str = Field("", description="Serving backend (informational), e.g. openai.")
+    description: str = Field(
+        "", description="Text embedded as the LLM node's feature (defaults to the name)."
+    )
+
+
+class ServerSettings(_Section):
+    """``server`` — the gRPC listener."""
+
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    grace_period_s: float = Field(
+        10.0, ge=0, le=300, description="SIGTERM: seconds in-flight calls may take to finish."
+    )
+    max_workers: int = Field(
+        1, ge=1, le=8, description="Threads for torch work (inference, embedding)."
+    )
+
+
+class Neo4jSettings(_Section):
+    """``store.neo4j`` — credentials; NEO4J_USER, NEO4J_PASSWORD, NEO4J_DATABASE override them."""
+
+    user: str = "neo4j"
+    password: SecretStr = SecretStr("")
+    database: str = "neo4j"
+
+
+class StoreSettings(_Section):
+    """``store`` — where the interaction graph lives."""
+
+    uri: str = Field(
+        DEFAULT_STORE_URI,
+        description="sqlite:///PATH (embedded, default), or neo4j:// / bolt:// / neo4j+s://.",
+    )
+    neo4j: Neo4jSettings = Neo4jSettings()
+
+
+class SamplerSettings(_Section):
+    """``sampler`` — the user's k-hop neighbourhood fed to the network."""
+
+    hops: int = Field(2, ge=1, le=4, description="k of the k-hop neighbourhood (1-4).")
+    fan_out: list[int] = Field(
+        [64, 8, 16, 8],
+        min_length=3,
+        max_length=4,
+        description="Neighbours taken per node at each distance (newest first).",
+    )
+    min_history: int = Field(
+        1, ge=0, le=10000, description="Turns a user needs before routing is personalized."
+    )
+
+
+class EmbeddingSettings(_Section):
+    """``embedding`` — the query text encoder."""
+
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2", description="sentence-transformers model."
+    )
+    dim: int = Field(384, ge=8, le=8192, description="Embedding dimension D.")
+    device: str = Field("cpu", description="torch device.")
+
+
+class LoggingSettings(_Section):
+    """``logging``."""
+
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = console on a terminal, JSON otherwise."
+    )
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class LimitSettings(_Section):
+    """``limits`` — request validation bounds."""
+
+    max_candidates: int = Field(64, ge=1, le=4096)
+    max_query_chars: int = Field(32768, ge=1)
+    max_user_id_chars: int = Field(256, ge=1, le=4096)
+    max_history_messages: int = Field(256, ge=0)
+
+
+class StreamingSettings(_Section):
+    """``streaming`` — StreamPreferences."""
+
+    poll_interval_s: float = Field(
+        0.5, gt=0, le=60, description="How often subscribed users' versions are checked."
+    )
+
+
+class PriorSettings(_Section):
+    """``prior`` — the non-personalized Bradley–Terry prior."""
+
+    refresh_s: float = Field(
+        1.0, ge=0, le=3600, description="Max age of the cached strengths (shared store)."
+    )
+    prior_strength: float = Field(
+        1.0, ge=0, le=1000, description="Virtual games per model (shrinkage)."
+    )
+
+
+class Settings(_Section):
+    """The whole configuration file."""
+
+    decision: DecisionSettings = DecisionSettings()
+    models: list[ModelEntry] = Field(default_factory=list)
+    server: ServerSettings = ServerSettings()
+    store: StoreSettings = StoreSettings()
+    sampler: SamplerSettings = SamplerSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    logging: LoggingSettings = LoggingSettings()
+    limits: LimitSettings = LimitSettings()
+    streaming: StreamingSettings = StreamingSettings()
+    prior: PriorSettings = PriorSettings()
+
+    @property
+    def gmtrouter(self) -> GMTRouterSettings:
+        """Shortcut for ``decision.algorithm.gmtrouter``."""
+        return self.decision.algorithm.gmtrouter
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+def _allowed(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The allowed range of the field at ``loc``, e.g. "allowed: 1-5", or ""."""
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return ""
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return ""
+        current = info.annotation
+        args = getattr(current, "__args__", ())
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                current = a
+    if info is None:
+        return ""
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Ge | annotated_types.Gt):
+            lo = getattr(m, "ge", getattr(m, "gt", None))
+        if isinstance(m, annotated_types.Le | annotated_types.Lt):
+            hi = getattr(m, "le", getattr(m, "lt", None))
+    if lo is not None and hi is not None:
+        return f"; allowed: {lo}-{hi}"
+    if lo is not None:
+        return f"; allowed: >= {lo}"
+    if hi is not None:
+        return f"; allowed: <= {hi}"
+    return ""
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing", "value_error") else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+            continue
+        lines.append(f"  {key}: {err['msg']}{got}{_allowed(Settings, loc)}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: Mapping[str, Any] | None, source: str = "<config>") -> Settings:
+    """Validate a configuration mapping.
+
+    Raises:
+        ConfigError: a key is unknown or a value is out of range; the message names the key
+            (e.g. ``decision.algorithm.gmtrouter.num_layers``) and the allowed range.
+    """
+    try:
+        return Settings.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    store_uri: str | None = None,
+    port: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the YAML file (defaults when ``path`` is None), apply CLI and env overrides.
+
+    Args:
+        path: YAML configuration file.
+        store_uri: ``--store`` override of ``store.uri``.
+        port: ``--port`` override of ``server.port``.
+        environ: Environment (``os.environ`` by default): NEO4J_USER, NEO4J_PASSWORD and
+            NEO4J_DATABASE override ``store.neo4j``.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {source}: {exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {source} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {source} must hold a mapping at the top")
+        data = loaded or {}
+    store = dict(data.get("store") or {})
+    neo = dict(store.get("neo4j") or {})
+    for key, var in (
+        ("user", "NEO4J_USER"),
+        ("password", "NEO4J_PASSWORD"),
+        ("database", "NEO4J_DATABASE"),
+    ):
+        if env.get(var):
+            neo[key] = env[var]
+    if neo:
+        store["neo4j"] = neo
+    if store_uri is not None:
+        store["uri"] = store_uri
+    if store:
+        data["store"] = store
+    if port is not None:
+        data["server"] = {**dict(data.get("server") or {}), "port": port}
+    return parse_settings(data, source)

@@ -1,0 +1,46 @@
+"""Domain errors of the routing service and the one table that maps them to gRPC codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from graphstore.errors import InvalidInteractionError, StoreUnavailableError
+
+
+class RoutingError(Exception):
+    """Base class of the routing service's errors."""
+
+
+class InvalidRequestError(RoutingError, ValueError):
+    """A request field is invalid; ``field`` names it (proto field name or path)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFoundError(RoutingError, LookupError):
+    """A referenced entity (e.g. an interaction id) does not exist."""
+
+
+class NotReadyError(RoutingError):
+    """The service is starting or shutting down."""
+
+
+#: Domain exception → gRPC status code. The first matching class wins (most specific first).
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidInteractionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for a domain exception (INTERNAL when it is not in the table)."""
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL

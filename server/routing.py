@@ -1,0 +1,282 @@
+"""The transport-neutral routing service: validation, embedding, scoring, recording, streams.
+
+The gRPC servicer (``server/servicer.py``) only converts messages and delegates here; tests
+and tools may call this class directly. Torch work (query embedding, network inference) runs
+on a thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from graphstore.interactions import Interaction, new_interaction_id, normalise_rating
+from graphstore.store import GraphStore
+from model.text_encoder import TextEncoder
+from server.config import Settings
+from server.domain import (
+    Candidate,
+    FeedbackRecord,
+    Ranking,
+    Recorded,
+    Selection,
+    SelectQuery,
+)
+from server.errors import InvalidRequestError
+from server.scoring import Scorer
+
+log = structlog.get_logger(__name__)
+
+
+class RoutingService:
+    """Selects a model per request and records feedback into the interaction graph.
+
+    Args:
+        settings: The validated configuration.
+        store: An opened graph store.
+        scorer: The scorer (network or Bradley–Terry prior).
+        encoder: Query text encoder (lazy; loaded on first text query or by :meth:`warm_up`).
+        executor: Thread pool for torch work.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: GraphStore,
+        scorer: Scorer,
+        encoder: TextEncoder,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.scorer = scorer
+        self.encoder = encoder
+        self.executor = executor
+        self._subscribers: dict[str, set[asyncio.Event]] = {}
+
+    # -- validation --------------------------------------------------------------------------
+
+    def _check_user(self, user_id: str, field: str = "user_id") -> None:
+        limit = self.settings.limits.max_user_id_chars
+        if not user_id or not user_id.strip():
+            raise InvalidRequestError(field, "must not be empty")
+        if len(user_id) > limit:
+            raise InvalidRequestError(field, f"is {len(user_id)} characters; the limit is {limit}")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in user_id):
+            raise InvalidRequestError(field, "must not contain control characters")
+
+    def _check_candidates(self, candidates: Sequence[Candidate], field: str) -> None:
+        if not candidates:
+            raise InvalidRequestError(field, "at least one candidate model is required")
+        limit = self.settings.limits.max_candidates
+        if len(candidates) > limit:
+            raise InvalidRequestError(field, f"has {len(candidates)} entries; the limit is {limit}")
+        for i, c in enumerate(candidates):
+            if not c.model or not c.model.strip():
+                raise InvalidRequestError(f"{field}[{i}].model", "model name must not be blank")
+
+    def _check_query(self, query: str, embedding: npt.NDArray[np.float32] | None) -> None:
+        dim = self.settings.embedding.dim
+        if embedding is not None and embedding.size:
+            if embedding.shape != (dim,):
+                raise InvalidRequestError(
+                    "query_embedding", f"has {embedding.size} values; this server expects {dim}"
+                )
+            if not np.all(np.isfinite(embedding)):
+                raise InvalidRequestError("query_embedding", "must hold finite numbers only")
+            return
+        if not query or not query.strip():
+            raise InvalidRequestError(
+                "query", "either a non-empty query text or a query_embedding is required"
+            )
+        limit = self.settings.limits.max_query_chars
+        if len(query) > limit:
+            raise InvalidRequestError("query", f"is {len(query)} characters; the limit is {limit}")
+
+    # -- embedding ---------------------------------------------------------------------------
+
+    async def _embed(
+        self, query: str, embedding: npt.NDArray[np.float32] | None
+    ) -> npt.NDArray[np.float32]:
+        if embedding is not None and embedding.size:
+            return embedding.astype(np.float32, copy=False)
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.executor, self.encoder.encode, [query])
+        return np.ascontiguousarray(out[0], dtype=np.float32)
+
+    # -- Select ------------------------------------------------------------------------------
+
+    async def select(self, req: SelectQuery) -> Selection:
+        """Score every candidate for this user and query; return the best.
+
+        Raises:
+            InvalidRequestError: empty ``user_id``, no candidates, a blank model name, too
+                many candidates, or neither query text nor an embedding of dimension ``D``.
+            StoreUnavailableError: the store failed.
+        """
+        self._check_user(req.user_id)
+        self._check_candidates(req.candidates, "candidate_models")
+        self._check_query(req.query, req.query_embedding)
+        emb = await self._embed(req.query, req.query_embedding)
+        names = list(dict.fromkeys(c.model for c in req.candidates))
+        scored = await self.scorer.score(req.user_id, emb, names)
+        best = max(names, key=lambda m: (scored.scores[m], -names.index(m)))
+        ordered = sorted(scored.scores.values(), reverse=True)
+        margin = ordered[0] - ordered[1] if len(ordered) > 1 else math.inf
+        confidence = 1.0 if margin == math.inf else 1.0 / (1.0 + math.exp(-margin))
+        lora = next(c.lora_name for c in req.candidates if c.model == best)
+        runner = (
+            f"; runner-up {max((m for m in names if m != best), key=lambda m: scored.scores[m])}"
+            f" by {margin:.3f}"
+            if len(names) > 1
+            else ""
+        )
+        reasoning = f"{best} has the highest score {scored.scores[best]:.3f}{runner}. " + (
+            scored.reasoning
+        )
+        return Selection(
+            selected_model=best,
+            lora_name=lora,
+            score=scored.scores[best],
+            confidence=confidence,
+            method=scored.method,
+            all_scores=dict(scored.scores),
+            reasoning=reasoning,
+            interaction_id=new_interaction_id(),
+            model_version=scored.model_version,
+        )
+
+    # -- RecordResponse ----------------------------------------------------------------------
+
+    async def record(self, rec: FeedbackRecord) -> Recorded:
+        """Durably record one interaction; acknowledged only after the store committed it.
+
+        Raises:
+            InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
+                comparison without winner/loser or with winner == loser; a rating outside its
+                scale; neither query text nor embedding.
+            StoreUnavailableError: the store failed; nothing was written.
+        """
+        self._check_user(rec.user_id)
+        self._check_query(rec.query, rec.query_embedding)
+        if rec.turn_index < 0:
+            raise InvalidRequestError("turn_index", "must be >= 0")
+        rating: float | None = None
+        c = rec.comparison
+        if c is not None:
+            if not c.winner_model.strip():
+                raise InvalidRequestError("comparison.winner_model", "must not be blank")
+            if not c.loser_model.strip():
+                raise InvalidRequestError("comparison.loser_model", "must not be blank")
+            if c.winner_model == c.loser_model:
+                raise InvalidRequestError(
+                    "comparison", f"winner_model and loser_model are both {c.winner_model!r}"
+                )
+        elif not rec.model.strip():
+            raise InvalidRequestError(
+                "model", "must not be blank (unless feedback is a comparison)"
+            )
+        if rec.rating is not None:
+            r = rec.rating
+            try:
+                rating = normalise_rating(r.value, r.scale_min, r.scale_max)
+            except ValueError as exc:
+                raise InvalidRequestError("rating", str(exc)) from None
+        emb = await self._embed(rec.query, rec.query_embedding)
+        interaction = Interaction(
+            interaction_id=rec.interaction_id or new_interaction_id(),
+            user_id=rec.user_id,
+            session_id=rec.session_id,
+            turn_index=rec.turn_index,
+            query=rec.query,
+            query_embedding=emb,
+            model=rec.model,
+            response=rec.response,
+            timestamp_s=rec.timestamp_s if rec.timestamp_s is not None else time.time(),
+            idempotency_key=rec.idempotency_key,
+            rating=rating,
+            comparison=c,
+        )
+        (result,) = await self.store.record([interaction])
+        if not result.duplicate:
+            self.scorer.invalidate(rec.user_id)
+            self._notify(rec.user_id)
+        return Recorded(result.interaction_id, result.duplicate)
+
+    # -- StreamPreferences -------------------------------------------------------------------
+
+    def _notify(self, user_id: str) -> None:
+        for ev in self._subscribers.get(user_id, ()):
+            ev.set()
+
+    async def ranking(self, user_id: str, candidates: Sequence[str]) -> Ranking:
+        """The user's current ranking of ``candidates`` (for the user's typical query)."""
+        version = await self.store.user_version(user_id)
+        scored = await self.scorer.score(user_id, None, candidates)
+        prefs = tuple(
+            sorted(scored.scores.items(), key=lambda kv: (-kv[1], list(candidates).index(kv[0])))
+        )
+        return Ranking(user_id, prefs, version, time.time(), scored.method)
+
+    async def stream_preferences(
+        self, user_ids: Sequence[str], candidates: Sequence[Candidate]
+    ) -> AsyncIterator[Ranking]:
+        """Yield each user's current ranking, then a new one whenever it changes.
+
+        A change is noticed at once for writes made through this process and within
+        ``streaming.poll_interval_s`` for writes made by other replicas (the store's per-user
+        version is polled). The generator runs until the consumer stops iterating.
+
+        Raises:
+            InvalidRequestError: no user ids, an invalid user id, or invalid candidates.
+        """
+        if not user_ids:
+            raise InvalidRequestError("user_ids", "at least one user id is required")
+        for i, u in enumerate(user_ids):
+            self._check_user(u, f"user_ids[{i}]")
+        self._check_candidates(candidates, "candidate_models")
+        names = list(dict.fromkeys(c.model for c in candidates))
+        users = list(dict.fromkeys(user_ids))
+        event = asyncio.Event()
+        for u in users:
+            self._subscribers.setdefault(u, set()).add(event)
+        try:
+            last: dict[str, Ranking] = {}
+            for u in users:
+                last[u] = await self.ranking(u, names)
+                yield last[u]
+            poll = self.settings.streaming.poll_interval_s
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=poll)
+                event.clear()
+                for u in users:
+                    version = await self.store.user_version(u)
+                    if version == last[u].version:
+                        continue
+                    self.scorer.invalidate(u)
+                    current = await self.ranking(u, names)
+                    changed = current.order != last[u].order
+                    last[u] = current
+                    if changed:
+                        yield current
+        finally:
+            for u in users:
+                subs = self._subscribers.get(u)
+                if subs is not None:
+                    subs.discard(event)
+                    if not subs:
+                        del self._subscribers[u]
+
+    @property
+    def subscriber_count(self) -> int:
+        """Number of (user, stream) subscriptions currently open."""
+        return sum(len(s) for s in self._subscribers.values())
