@@ -10,7 +10,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 PROTO_SRC := protos/gmtrouter/v1/router.proto
 GO_OUT := protos/gen/go
 
-.PHONY: help install uv proto proto-check go-build lint typecheck test test-fast demo serve \
+.PHONY: help install uv proto proto-check go-build lint typecheck check test demo serve \
         neo4j-install neo4j-start neo4j-stop neo4j-status clean
 
 help:
@@ -57,8 +57,10 @@ lint: install  ## ruff (lint + format check)
 typecheck: install  ## mypy
 	.venv/bin/mypy
 
-test: install  ## the test suite (starts nothing itself; Neo4j tests need NEO4J_URI, see README)
-	$(PY) -m pytest
+check: lint typecheck proto-check go-build  ## every static check CI runs
+
+test: install neo4j-install  ## the test suite, against a throw-away local Neo4j unless NEO4J_URI is set
+	tools/run-tests.sh
 
 demo: install  ## run the service on the embedded store and drive it with a real client
 	$(PY) -m server.demo

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -55,6 +56,162 @@ def serve(
         asyncio.run(run_server(settings))
     except Exception as exc:  # start-up failure: say what failed, exit non-zero
         typer.echo(f"gmtrouter serve failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="mt_bench or llmfao.")]
+DataPathOpt = Annotated[
+    Path, typer.Option("--data-path", help="Data-set folder or file (see README, Data).")
+]
+
+
+@app.command()
+def train(
+    dataset: DatasetOpt,
+    data_path: DataPathOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")],
+    num_layers: Annotated[int, typer.Option(help="HGT layers (1-5).")] = 2,
+    hidden_dim: Annotated[int, typer.Option(help="Hidden dimension.")] = 64,
+    num_heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    steps: Annotated[int, typer.Option(help="Training steps (episodes).")] = 300,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed (training is deterministic).")] = 136,
+    reverse_edges: Annotated[
+        bool, typer.Option(help="Reverse edges (off = official destination-only wiring).")
+    ] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Train the GMTRouter network on a preference data set and write a checkpoint."""
+    from model.cli_commands import train_command
+
+    _fail_cleanly(
+        lambda: train_command(
+            dataset,
+            data_path,
+            out,
+            num_layers=num_layers,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            steps=steps,
+            lr=lr,
+            dropout=dropout,
+            seed=seed,
+            reverse_edges=reverse_edges,
+            threads=threads,
+        )
+    )
+
+
+@app.command()
+def evaluate(
+    dataset: DatasetOpt,
+    data_path: DataPathOpt,
+    protocol: Annotated[
+        str, typer.Option(help="heldout (honest: scored pairs never in the graph) or faithful.")
+    ] = "heldout",
+    seeds: Annotated[int, typer.Option(help="Number of seeds (0..N-1).")] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    num_layers: Annotated[int, typer.Option(help="HGT layers (1-5).")] = 2,
+    hidden_dim: Annotated[int, typer.Option(help="Hidden dimension.")] = 64,
+    num_heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    steps: Annotated[int, typer.Option(help="Training steps per seed.")] = 300,
+    reverse_edges: Annotated[bool, typer.Option(help="Reverse edges (ablation: off).")] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+) -> None:
+    """Train and score every method on the same splits; print a table and write JSON."""
+    from model.cli_commands import evaluate_command
+
+    _fail_cleanly(
+        lambda: evaluate_command(
+            dataset,
+            data_path,
+            protocol,
+            seeds,
+            json_out,
+            num_layers=num_layers,
+            hidden_dim=hidden_dim,
+            num_heads=num_heads,
+            steps=steps,
+            reverse_edges=reverse_edges,
+            threads=threads,
+        )
+    )
+
+
+@app.command()
+def replay(
+    dataset: DatasetOpt,
+    data_path: DataPathOpt,
+    json_out: Annotated[Path, typer.Option("--json", help="Write the result JSON here.")],
+    target: Annotated[
+        str | None, typer.Option("--target", help="host:port of a running gmtrouter.")
+    ] = None,
+    embedded: Annotated[
+        bool,
+        typer.Option("--embedded", help="Start a server in-process on a free port."),
+    ] = False,
+    config: ConfigOpt = None,
+    store: StoreOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Learning-curve PNG.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the conversation order.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Replay only this many comparisons.")] = None,
+) -> None:
+    """Play a data set's judged comparisons through the real gRPC API; report online accuracy."""
+    import tempfile
+
+    from model.data import embed_texts
+    from model.datasets import load_dataset
+    from model.text_encoder import TextEncoder
+    from server import replay as rp
+
+    if (target is None) == (not embedded):
+        typer.echo("give exactly one of --target HOST:PORT or --embedded", err=True)
+        raise typer.Exit(2)
+    try:
+        records = load_dataset(dataset, data_path)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"cannot read {dataset} from {data_path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{len(records)} comparisons from {data_path}; embedding queries …", err=True)
+    texts = list(dict.fromkeys(r.query_text for r in records))
+    unique = embed_texts(TextEncoder(), texts)
+    row = {t: i for i, t in enumerate(texts)}
+    embeddings = unique[[row[r.query_text] for r in records]]
+    kwargs: dict[str, Any] = {
+        "dataset": dataset,
+        "seed": seed,
+        "limit": limit,
+        "query_embeddings": embeddings,
+    }
+    if embedded:
+        with tempfile.TemporaryDirectory(prefix="gmtrouter-replay-") as tmp:
+            try:
+                settings = load_settings(
+                    config, store_uri=store or f"sqlite:///{tmp}/replay.db", port=0
+                )
+            except ConfigError as exc:
+                typer.echo(str(exc), err=True)
+                raise typer.Exit(2) from None
+            configure_logging("json", "warning")
+            result = asyncio.run(rp.replay_embedded(records, settings, **kwargs))
+    else:
+        assert target is not None
+        result = asyncio.run(rp.replay(records, target, **kwargs))
+    rp.write_json(result, json_out)
+    typer.echo(rp.format_replay_table(result))
+    typer.echo(f"JSON: {json_out}")
+    if plot is not None:
+        rp.plot_replay(result, plot)
+        typer.echo(f"plot: {plot}")
+
+
+def _fail_cleanly(fn: Callable[[], object]) -> None:
+    """Run a command body; turn expected errors into a one-line message and exit code 1."""
+    try:
+        fn()
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 
 

@@ -12,7 +12,7 @@ import concurrent.futures
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -228,7 +228,7 @@ class RoutingService:
 
     async def stream_preferences(
         self, user_ids: Sequence[str], candidates: Sequence[Candidate]
-    ) -> AsyncIterator[Ranking]:
+    ) -> AsyncGenerator[Ranking, None]:
         """Yield each user's current ranking, then a new one whenever it changes.
 
         A change is noticed at once for writes made through this process and within

@@ -57,4 +57,4 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         except Exception as exc:
             await _abort(context, exc)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()

@@ -1,0 +1,354 @@
+"""``gmtrouter replay``: play real users' judged comparisons through the live gRPC API.
+
+For each judged comparison, in a seeded random order of conversations (turns of one
+conversation in order; the data files are sorted by question, so file order would confound
+learning with a change of topic):
+
+1. ``Select`` with the two compared models as candidates, the conversation's query (its
+   embedding, computed once client-side as a Go router would) and the earlier turns;
+2. the prediction is whichever model got the higher score;
+3. ``RecordResponse`` with the human outcome (winner/loser or tie).
+
+Online pairwise accuracy counts non-tied comparisons; a prediction whose two scores are equal
+counts as half right (a coin flip). The Bradley–Terry baselines (``global_bt``, and
+``per_user_bt`` shrunk towards the global strengths) are replayed on the same stream: they
+predict before and learn after each comparison, exactly like the service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from gmtrouter.v1 import router_pb2 as pb
+from gmtrouter.v1 import router_pb2_grpc as pb_grpc
+from model.bradley_terry import fit_bradley_terry
+from model.data import embed_texts
+from model.datasets import PreferenceRecord
+from model.text_encoder import TextEncoder
+
+#: Buckets of "interactions the user had before this one" for the learning curve.
+CURVE_EDGES: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200)
+
+
+def replay_order(records: Sequence[PreferenceRecord], seed: int) -> list[PreferenceRecord]:
+    """Conversations in a seeded random order; the turns of each conversation in order.
+
+    Args:
+        records: Canonical records (any order).
+        seed: Shuffle seed.
+
+    Returns:
+        The same records, reordered.
+    """
+    sessions: dict[tuple[str, str], list[tuple[int, PreferenceRecord]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        sessions[(r.user_id, r.session_id)].append((i, r))
+    keys = sorted(sessions)
+    random.Random(seed).shuffle(keys)
+    out: list[PreferenceRecord] = []
+    for k in keys:
+        out += [r for _, r in sorted(sessions[k], key=lambda t: (t[1].turn_index, t[0]))]
+    return out
+
+
+def _bucket(n_before: int) -> int:
+    """Index of the curve bucket for ``n_before`` earlier interactions."""
+    b = 0
+    for i, edge in enumerate(CURVE_EDGES):
+        if n_before >= edge:
+            b = i
+    return b
+
+
+def _bucket_label(i: int) -> str:
+    lo = CURVE_EDGES[i]
+    hi = CURVE_EDGES[i + 1] - 1 if i + 1 < len(CURVE_EDGES) else None
+    if hi is None:
+        return f"{lo}+"
+    return str(lo) if hi == lo else f"{lo}-{hi}"
+
+
+class OnlineBradleyTerry:
+    """Global and per-user Bradley–Terry models updated after every comparison.
+
+    Args:
+        prior_strength: Virtual games per model for the global fit.
+        user_prior_strength: Virtual games per model pulling a user's strengths towards the
+            global ones (the shrinkage of ``per_user_bt``).
+    """
+
+    def __init__(self, prior_strength: float = 1.0, user_prior_strength: float = 5.0) -> None:
+        self.prior_strength = prior_strength
+        self.user_prior_strength = user_prior_strength
+        self.games: list[tuple[str, str, float]] = []
+        self.user_games: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
+        self.theta: dict[str, float] = {}
+
+    def predict(self, user: str, a: str, b: str) -> tuple[float, float]:
+        """Score differences ``(global θ_a − θ_b, per-user θ_a − θ_b)``."""
+        g = self.theta
+        d_global = g.get(a, 0.0) - g.get(b, 0.0)
+        games = self.user_games.get(user)
+        if not games:
+            return d_global, d_global
+        u = fit_bradley_terry(
+            games, prior_strength=self.user_prior_strength, prior=g, models=(a, b), max_iter=100
+        )
+        return d_global, u.get(a, 0.0) - u.get(b, 0.0)
+
+    def update(self, user: str, a: str, b: str, outcome: str) -> None:
+        """Learn from one comparison (``outcome`` ∈ {"a", "b", "tie"})."""
+        wins = (
+            [(a, b, 1.0)]
+            if outcome == "a"
+            else [(b, a, 1.0)]
+            if outcome == "b"
+            else [(a, b, 0.5), (b, a, 0.5)]
+        )
+        self.games += wins
+        self.user_games[user] += wins
+        self.theta = fit_bradley_terry(
+            self.games, prior_strength=self.prior_strength, max_iter=100, tol=1e-6
+        )
+
+
+@dataclasses.dataclass
+class _Tally:
+    hits: float = 0.0
+    n: int = 0
+    curve_hits: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(CURVE_EDGES))
+    curve_n: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CURVE_EDGES))
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, diff: float, outcome: str, bucket: int) -> None:
+        if outcome == "tie":
+            return
+        hit = 0.5 if diff == 0 else float((diff > 0) == (outcome == "a"))
+        self.hits += hit
+        self.n += 1
+        self.curve_hits[bucket] += hit
+        self.curve_n[bucket] += 1
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
+        return {
+            "online_accuracy": self.hits / self.n if self.n else None,
+            "n_pairs": self.n,
+            "curve": [
+                {
+                    "history": _bucket_label(i),
+                    "min_history": CURVE_EDGES[i],
+                    "accuracy": self.curve_hits[i] / self.curve_n[i] if self.curve_n[i] else None,
+                    "n_pairs": self.curve_n[i],
+                }
+                for i in range(len(CURVE_EDGES))
+            ],
+            "select_p50_ms": float(np.percentile(lat, 50)),
+            "select_p99_ms": float(np.percentile(lat, 99)),
+        }
+
+
+async def replay(
+    records: Sequence[PreferenceRecord],
+    target: str,
+    *,
+    dataset: str,
+    seed: int = 0,
+    limit: int | None = None,
+    query_embeddings: npt.NDArray[np.float32] | None = None,
+    progress: bool = True,
+    deadline_s: float = 30.0,
+) -> dict[str, Any]:
+    """Replay ``records`` against the service at ``target`` (``host:port``).
+
+    Args:
+        records: Canonical records; reordered by :func:`replay_order`.
+        target: gRPC address.
+        dataset: Name recorded in the result.
+        seed: Order seed.
+        limit: Replay only the first ``limit`` records of the order (None = all).
+        query_embeddings: float32 ``[N, D]`` aligned with ``records`` (None: embed here).
+        progress: Show a tqdm progress bar.
+        deadline_s: Deadline of each RPC, seconds.
+
+    Returns:
+        ``{"dataset", "seed", "n_records", "server_methods", "wall_s", "methods": {NAME:
+        {"online_accuracy", "n_pairs", "curve", "select_p50_ms", "select_p99_ms"}}}``.
+
+    Raises:
+        grpc.aio.AioRpcError: an RPC failed (the replay stops; nothing is retried silently).
+    """
+    if query_embeddings is None:
+        query_embeddings = embed_texts(TextEncoder(), [r.query_text for r in records])
+    emb_of = {id(r): query_embeddings[i] for i, r in enumerate(records)}
+    order = replay_order(records, seed)
+    if limit is not None:
+        order = order[:limit]
+    tallies = {name: _Tally() for name in ("gmtrouter", "global_bt", "per_user_bt")}
+    bt = OnlineBradleyTerry()
+    seen: dict[str, int] = defaultdict(int)
+    history: dict[tuple[str, str], list[str]] = defaultdict(list)
+    methods: dict[str, int] = defaultdict(int)
+    versions: set[str] = set()
+    start = time.perf_counter()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.RouterServiceStub(channel)
+        for i, r in enumerate(tqdm(order, desc=f"replay {dataset}", disable=not progress)):
+            emb = [float(x) for x in emb_of[id(r)]]
+            key = (r.user_id, r.session_id)
+            t0 = time.perf_counter()
+            sel = await stub.Select(
+                pb.SelectRequest(
+                    user_id=r.user_id,
+                    session_id=r.session_id,
+                    query=r.query_text,
+                    query_embedding=emb,
+                    conversation_history=history[key],
+                    candidate_models=[
+                        pb.CandidateModel(model=r.model_a),
+                        pb.CandidateModel(model=r.model_b),
+                    ],
+                    request_id=f"replay-{i}",
+                ),
+                timeout=deadline_s,
+            )
+            tallies["gmtrouter"].latencies_ms.append((time.perf_counter() - t0) * 1e3)
+            methods[sel.method] += 1
+            versions.add(sel.model_version)
+            bucket = _bucket(seen[r.user_id])
+            tallies["gmtrouter"].add(
+                sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, bucket
+            )
+            t1 = time.perf_counter()
+            d_global, d_user = bt.predict(r.user_id, r.model_a, r.model_b)
+            spent = (time.perf_counter() - t1) * 1e3
+            tallies["global_bt"].latencies_ms.append(spent)
+            tallies["per_user_bt"].latencies_ms.append(spent)
+            tallies["global_bt"].add(d_global, r.outcome, bucket)
+            tallies["per_user_bt"].add(d_user, r.outcome, bucket)
+            winner, loser = (r.model_b, r.model_a) if r.outcome == "b" else (r.model_a, r.model_b)
+            await stub.RecordResponse(
+                pb.RecordResponseRequest(
+                    interaction_id=sel.interaction_id,
+                    user_id=r.user_id,
+                    session_id=r.session_id,
+                    turn_index=r.turn_index,
+                    query=r.query_text,
+                    query_embedding=emb,
+                    model=winner,
+                    response=r.response_a if winner == r.model_a else r.response_b,
+                    idempotency_key=f"replay:{dataset}:{r.user_id}:{r.session_id}:"
+                    f"{r.turn_index}:{r.model_a}:{r.model_b}:{r.query_id}",
+                    comparison=pb.Comparison(
+                        winner_model=winner, loser_model=loser, tie=r.outcome == "tie"
+                    ),
+                ),
+                timeout=deadline_s,
+            )
+            bt.update(r.user_id, r.model_a, r.model_b, r.outcome)
+            seen[r.user_id] += 1
+            history[key].append(r.query_text)
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "n_records": len(order),
+        "server_methods": dict(methods),
+        "server_model_versions": sorted(versions)[:5],
+        "wall_s": round(time.perf_counter() - start, 1),
+        "methods": {name: t.summary() for name, t in tallies.items()},
+    }
+
+
+def format_replay_table(result: dict[str, Any]) -> str:
+    """A plain-text table of a :func:`replay` result."""
+    lines = [
+        f"replay {result['dataset']}: {result['n_records']} comparisons, seed {result['seed']}, "
+        f"{result['wall_s']} s; server methods {result['server_methods']}",
+        f"{'method':<14}{'online acc':>11}{'pairs':>8}{'p50 ms':>9}{'p99 ms':>9}",
+    ]
+    for name, m in result["methods"].items():
+        acc = m["online_accuracy"]
+        lines.append(
+            f"{name:<14}{(f'{acc:.4f}' if acc is not None else '-'):>11}{m['n_pairs']:>8}"
+            f"{m['select_p50_ms']:>9.2f}{m['select_p99_ms']:>9.2f}"
+        )
+    lines.append("learning curve (online accuracy by interactions the user had before):")
+    names = list(result["methods"])
+    lines.append(f"{'history':<10}{'pairs':>7}" + "".join(f"{n:>14}" for n in names))
+    first = result["methods"][names[0]]["curve"]
+    for i, point in enumerate(first):
+        cells = []
+        for n in names:
+            acc = result["methods"][n]["curve"][i]["accuracy"]
+            cells.append(f"{acc:>14.4f}" if acc is not None else f"{'-':>14}")
+        lines.append(f"{point['history']:<10}{point['n_pairs']:>7}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_replay(result: dict[str, Any], path: str | Path) -> None:
+    """Draw the learning curves (online accuracy vs. earlier interactions) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, m in result["methods"].items():
+        pts = [(i, p["accuracy"]) for i, p in enumerate(m["curve"]) if p["accuracy"] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    labels = [p["history"] for p in next(iter(result["methods"].values()))["curve"]]
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("interactions the user had before")
+    ax.set_ylabel("online pairwise accuracy (non-tied)")
+    ax.set_title(f"gmtrouter replay: {result['dataset']} ({result['n_records']} comparisons)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write ``result`` as indented JSON (creating the folder)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+async def replay_embedded(
+    records: Sequence[PreferenceRecord],
+    settings: Any,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Start a real server in-process on a free port (settings' store), then :func:`replay`.
+
+    Args:
+        records: Canonical records.
+        settings: :class:`server.config.Settings` for the in-process server.
+        kwargs: Passed to :func:`replay`.
+    """
+    from server.app import RouterServer
+
+    settings = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"host": "127.0.0.1", "port": 0})}
+    )
+    app = RouterServer(settings)
+    port = await app.start(warm_up=False)
+    try:
+        return await replay(records, f"127.0.0.1:{port}", **kwargs)
+    finally:
+        await app.stop(grace_s=5)
