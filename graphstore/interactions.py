@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from graphstore.errors import InvalidInteractionError
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Comparison:
@@ -176,3 +178,22 @@ def pair_counts_from(interactions: Sequence[Interaction]) -> list[PairCount]:
         else:
             cell[1] += 1.0
     return [PairCount(a, b, w[0], w[1]) for (a, b), w in sorted(acc.items())]
+
+
+def check_interaction(it: Interaction, embedding_dim: int) -> None:
+    """Reject an interaction no store may write.
+
+    Raises:
+        InvalidInteractionError: the query embedding is not float32 ``[embedding_dim]``, or a
+            comparison names the same model twice.
+    """
+    emb = it.query_embedding
+    if emb.dtype != np.float32 or emb.shape != (embedding_dim,):
+        raise InvalidInteractionError(
+            f"query_embedding must be float32 [{embedding_dim}] (got {emb.dtype} {list(emb.shape)})"
+        )
+    c = it.comparison
+    if c is not None and c.winner_model == c.loser_model:
+        raise InvalidInteractionError(
+            f"a comparison needs two different models (got {c.winner_model!r} twice)"
+        )

@@ -24,10 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
-from graphstore.errors import InvalidInteractionError, StoreUnavailableError
-from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.errors import StoreUnavailableError
+from graphstore.interactions import Interaction, PairCount, RecordResult, check_interaction
 from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood
 from graphstore.store import GraphStore
 
@@ -156,7 +154,7 @@ class SQLiteGraphStore(GraphStore):
         """See :meth:`GraphStore.record`. Concurrent calls share one commit (group commit)."""
         batch = list(interactions)
         for it in batch:
-            self._check(it)
+            check_interaction(it, self.embedding_dim)
         if not batch:
             return []
         loop = asyncio.get_running_loop()
@@ -165,14 +163,6 @@ class SQLiteGraphStore(GraphStore):
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self._flush_loop())
         return await asyncio.shield(fut)
-
-    def _check(self, it: Interaction) -> None:
-        emb = it.query_embedding
-        if emb.dtype != np.float32 or emb.shape != (self.embedding_dim,):
-            raise InvalidInteractionError(
-                f"query_embedding must be float32 [{self.embedding_dim}] "
-                f"(got {emb.dtype} {list(emb.shape)})"
-            )
 
     async def _flush_loop(self) -> None:
         while self._pending:

@@ -1,0 +1,708 @@
+"""The production graph store: Neo4j over Bolt, with the async driver.
+
+Schema (``docs/neo4j.md`` has the full table and ready Cypher queries):
+
+Nodes
+    ``(:User {user_id, version})`` — ``version`` counts the interactions written for the user.
+    ``(:LLM {name})``.
+    ``(:Query {interaction_id, idempotency_key, user_id, session_id, turn_index, text,
+    embedding, model, response, rating, winner_model, loser_model, tie, ts})`` — one per
+    recorded interaction; it carries the interaction-level properties (there is no separate
+    ``Interaction`` label). ``embedding`` is little-endian float32 bytes (``4·D`` bytes).
+    ``(:Response {response_id, llm, outcome, text})`` — one per turn; ``response_id`` equals
+    the turn id; ``text`` is the response text on the response of ``Query.model``.
+    ``(:Turn {turn_id, interaction_id, user_id, session_id, turn_index, llm, outcome, ts})`` —
+    the seed's virtual turn node, one per outcome (``turn_id = "<interaction_id>:<llm>"``).
+    ``(:PairCount {model_a, model_b, wins_a, wins_b})`` — Bradley–Terry pair counts,
+    ``model_a < model_b``, ties add 0.5 to each side.
+
+Relationships
+    ``(:User)-[:SUBMITTED]->(:Query)``, ``(:Query)-[:RECEIVED]->(:Response)``,
+    ``(:Response)-[:GENERATED_BY]->(:LLM)``, ``(:Turn)-[:OF_USER]->(:User)``,
+    ``(:Turn)-[:ASKED]->(:Query)``, ``(:Turn)-[:ANSWERED_BY]->(:LLM)``,
+    ``(:Turn)-[:HAS_RESPONSE]->(:Response)``, ``(:Turn)-[:FOLLOWS]->(:Turn)`` (the previous
+    turn of the same user and session, by the rule of
+    :func:`graphstore.neighbourhood.link_previous_turns`, kept up to date on every write),
+    ``(:PairCount)-[:MODEL_A]->(:LLM)``, ``(:PairCount)-[:MODEL_B]->(:LLM)``.
+
+Uniqueness constraints (created idempotently by :meth:`Neo4jGraphStore.open`) on
+``User.user_id``, ``LLM.name``, ``Query.interaction_id``, ``Query.idempotency_key``,
+``Response.response_id``, ``Turn.turn_id`` and ``PairCount(model_a, model_b)``; range indexes
+on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, session_id)`` and
+``Query.user_id``.
+
+Writes: concurrent :meth:`~Neo4jGraphStore.record` calls are grouped into one managed write
+transaction (group commit); a call returns once the transaction holding its rows has
+committed. Inside it, duplicates are found first (``idempotency_key``, then
+``interaction_id``, as the SQLite store does), then user nodes are locked in sorted order and
+their versions bumped, then queries, turns and responses are created with ``UNWIND``, pair
+counts and ``FOLLOWS`` edges updated. A concurrent writer (another replica) racing on the
+same id or key hits a uniqueness constraint; the transaction rolls back and is run again,
+where the duplicate check now sees the other writer's row.
+
+Reads: :meth:`~Neo4jGraphStore.neighbourhood` runs every hop in one read transaction and
+feeds :func:`graphstore.neighbourhood.assemble_neighbourhood`, as the SQLite store does, so
+both stores give the same subgraph for the same interactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from neo4j import (
+    AsyncDriver,
+    AsyncGraphDatabase,
+    AsyncManagedTransaction,
+    AsyncSession,
+)
+from neo4j import exceptions as neo4j_errors
+from neo4j.api import AsyncBookmarkManager
+
+from graphstore.errors import StoreUnavailableError
+from graphstore.factory import Neo4jCredentials
+from graphstore.interactions import Interaction, PairCount, RecordResult, check_interaction
+from graphstore.neighbourhood import (
+    Neighbourhood,
+    TurnRow,
+    assemble_neighbourhood,
+    link_previous_turns,
+)
+from graphstore.store import GraphStore
+
+log = logging.getLogger(__name__)
+
+#: Constraints and indexes, each idempotent (``IF NOT EXISTS``).
+SCHEMA: tuple[str, ...] = (
+    "CREATE CONSTRAINT user_id IF NOT EXISTS FOR (u:User) REQUIRE u.user_id IS UNIQUE",
+    "CREATE CONSTRAINT llm_name IF NOT EXISTS FOR (m:LLM) REQUIRE m.name IS UNIQUE",
+    "CREATE CONSTRAINT query_interaction_id IF NOT EXISTS "
+    "FOR (q:Query) REQUIRE q.interaction_id IS UNIQUE",
+    "CREATE CONSTRAINT query_idempotency_key IF NOT EXISTS "
+    "FOR (q:Query) REQUIRE q.idempotency_key IS UNIQUE",
+    "CREATE CONSTRAINT response_id IF NOT EXISTS FOR (r:Response) REQUIRE r.response_id IS UNIQUE",
+    "CREATE CONSTRAINT turn_id IF NOT EXISTS FOR (t:Turn) REQUIRE t.turn_id IS UNIQUE",
+    "CREATE CONSTRAINT pair_count_models IF NOT EXISTS "
+    "FOR (p:PairCount) REQUIRE (p.model_a, p.model_b) IS UNIQUE",
+    "CREATE INDEX turn_ts IF NOT EXISTS FOR (t:Turn) ON (t.ts)",
+    "CREATE INDEX turn_user_ts IF NOT EXISTS FOR (t:Turn) ON (t.user_id, t.ts)",
+    "CREATE INDEX turn_llm_ts IF NOT EXISTS FOR (t:Turn) ON (t.llm, t.ts)",
+    "CREATE INDEX turn_user_session IF NOT EXISTS FOR (t:Turn) ON (t.user_id, t.session_id)",
+    "CREATE INDEX query_user IF NOT EXISTS FOR (q:Query) ON (q.user_id)",
+)
+
+_TURN_MAP = "{.turn_id, .interaction_id, .user_id, .session_id, .turn_index, .llm, .outcome, .ts}"
+
+_FIND_DUPLICATES = """
+CALL () {
+  UNWIND $keys AS key
+  MATCH (q:Query {idempotency_key: key})
+  RETURN collect([key, q.interaction_id]) AS by_key
+}
+CALL () {
+  UNWIND $ids AS id
+  MATCH (q:Query {interaction_id: id})
+  RETURN collect(id) AS known_ids
+}
+RETURN by_key, known_ids
+"""
+
+# Locks the user nodes (in the order given: sorted) before anything else is written, so that
+# two writers touching one user are serialised and FOLLOWS edges are computed consistently.
+_BUMP_USERS = """
+UNWIND $users AS row
+MERGE (u:User {user_id: row.user_id})
+  ON CREATE SET u.version = 0
+SET u.version = u.version + row.writes
+"""
+
+_MERGE_LLMS = """
+UNWIND $names AS name
+MERGE (:LLM {name: name})
+"""
+
+_CREATE_INTERACTIONS = """
+UNWIND $rows AS row
+MATCH (u:User {user_id: row.query.user_id})
+CREATE (q:Query)
+SET q = row.query
+CREATE (u)-[:SUBMITTED]->(q)
+WITH u, q, row
+UNWIND row.turns AS turn
+MATCH (m:LLM {name: turn.llm})
+CREATE (t:Turn)
+SET t = turn
+CREATE (r:Response {response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome})
+SET r.text = row.texts[turn.llm]
+CREATE (q)-[:RECEIVED]->(r),
+       (r)-[:GENERATED_BY]->(m),
+       (t)-[:OF_USER]->(u),
+       (t)-[:ASKED]->(q),
+       (t)-[:ANSWERED_BY]->(m),
+       (t)-[:HAS_RESPONSE]->(r)
+"""
+
+_ADD_PAIR_COUNTS = """
+UNWIND $pairs AS pair
+MATCH (a:LLM {name: pair.model_a}), (b:LLM {name: pair.model_b})
+MERGE (p:PairCount {model_a: pair.model_a, model_b: pair.model_b})
+  ON CREATE SET p.wins_a = 0.0, p.wins_b = 0.0
+SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
+MERGE (p)-[:MODEL_A]->(a)
+MERGE (p)-[:MODEL_B]->(b)
+"""
+
+_SESSION_TURNS = f"""
+UNWIND $sessions AS s
+MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
+OPTIONAL MATCH (t)-[:FOLLOWS]->(p:Turn)
+RETURN t {_TURN_MAP} AS turn, p.turn_id AS prev
+"""
+
+_DROP_FOLLOWS = """
+UNWIND $turn_ids AS id
+MATCH (:Turn {turn_id: id})-[f:FOLLOWS]->()
+DELETE f
+"""
+
+_ADD_FOLLOWS = """
+UNWIND $links AS link
+MATCH (t:Turn {turn_id: link.turn_id}), (p:Turn {turn_id: link.prev_id})
+CREATE (t)-[:FOLLOWS]->(p)
+"""
+
+# Sampling reads the denormalised Turn properties through the (user_id, ts) and (llm, ts)
+# range indexes: ordering by the index's own keys lets the planner read newest-first from the
+# index and stop after LIMIT (PartialTop: turn_id only breaks ties within one ts), so the cost
+# follows the fan-out, not the user's or the LLM's degree. Each query also returns the
+# embeddings of its turns' queries (one round trip less).
+_WITH_EMBEDDINGS = """
+CALL (turns) {
+  UNWIND turns AS turn
+  WITH DISTINCT turn.interaction_id AS id
+  MATCH (q:Query {interaction_id: id})
+  RETURN collect([id, q.embedding]) AS embeddings
+}"""
+
+_SEED_TURNS = f"""
+OPTIONAL MATCH (u:User {{user_id: $user_id}})
+CALL () {{
+  MATCH (t:Turn)
+  WHERE t.user_id = $user_id AND t.ts IS NOT NULL
+  WITH t ORDER BY t.user_id DESC, t.ts DESC, t.turn_id DESC LIMIT $limit
+  RETURN collect(t {_TURN_MAP}) AS turns
+}}
+{_WITH_EMBEDDINGS}
+RETURN coalesce(u.version, 0) AS version, turns, embeddings
+"""
+
+_OTHER_TURNS = f"""
+UNWIND $llms AS name
+CALL (name) {{
+  MATCH (t:Turn)
+  WHERE t.llm = name AND t.ts IS NOT NULL AND t.user_id <> $user_id
+  WITH t ORDER BY t.llm DESC, t.ts DESC, t.turn_id DESC LIMIT $limit
+  RETURN collect(t {_TURN_MAP}) AS turns
+}}
+{_WITH_EMBEDDINGS}
+RETURN name, turns, embeddings
+ORDER BY name
+"""
+
+_COUNTS = """
+RETURN COUNT { (:User) } AS user,
+       COUNT { (:LLM) } AS llm,
+       COUNT { (:Query) } AS query,
+       COUNT { (:Response) } AS response,
+       COUNT { (:Turn) } AS turn
+"""
+
+_Pending = tuple[list[Interaction], asyncio.Future[list[RecordResult]]]
+
+#: A group commit takes whole ``record`` calls until it holds at least this many interactions.
+MAX_GROUP_INTERACTIONS = 2000
+
+#: Attempts of one write group when a concurrent writer wins a uniqueness race.
+_CONSTRAINT_ATTEMPTS = 3
+
+
+def rust_codec_active() -> bool:
+    """True when the driver packs/unpacks Bolt messages with the ``neo4j-rust-ext`` codec."""
+    from neo4j._codec.packstream import v1
+
+    return getattr(v1, "_rust_pack", None) is not None
+
+
+def _turn_row(d: dict[str, Any]) -> TurnRow:
+    return TurnRow(
+        turn_id=d["turn_id"],
+        interaction_id=d["interaction_id"],
+        user_id=d["user_id"],
+        session_id=d["session_id"],
+        turn_index=int(d["turn_index"]),
+        llm=d["llm"],
+        outcome=float(d["outcome"]),
+        ts=float(d["ts"]),
+    )
+
+
+def _previous_turns(turns: list[TurnRow]) -> dict[str, str | None]:
+    """turn_id → previous turn_id (or None) among the turns of whole sessions."""
+    ordered = sorted(turns, key=lambda t: (t.ts, t.turn_id), reverse=True)
+    users = {u: i for i, u in enumerate(dict.fromkeys(t.user_id for t in ordered))}
+    llms = {m: i for i, m in enumerate(sorted({t.llm for t in ordered}))}
+    prev = link_previous_turns(
+        np.array([users[t.user_id] for t in ordered], dtype=np.int64),
+        [t.session_id for t in ordered],
+        np.array([t.turn_index for t in ordered], dtype=np.int64),
+        np.array([llms[t.llm] for t in ordered], dtype=np.int64),
+        np.array([t.ts for t in ordered], dtype=np.float64),
+    )
+    return {
+        t.turn_id: (ordered[int(p)].turn_id if p >= 0 else None)
+        for t, p in zip(ordered, prev, strict=True)
+    }
+
+
+class _Plan:
+    """What one write transaction does: per-input results and the rows to create."""
+
+    def __init__(self, items: list[Interaction], by_key: dict[str, str], known: set[str]):
+        self.results: list[RecordResult] = []
+        self.new: list[Interaction] = []
+        for it in items:
+            key = it.idempotency_key
+            if key and key in by_key:
+                self.results.append(RecordResult(by_key[key], duplicate=True))
+                continue
+            if it.interaction_id in known:
+                self.results.append(RecordResult(it.interaction_id, duplicate=True))
+                continue
+            if key:
+                by_key[key] = it.interaction_id
+            known.add(it.interaction_id)
+            self.new.append(it)
+            self.results.append(RecordResult(it.interaction_id, duplicate=False))
+
+    def users(self) -> list[dict[str, Any]]:
+        writes = Counter(it.user_id for it in self.new)
+        return [{"user_id": u, "writes": n} for u, n in sorted(writes.items())]
+
+    def llms(self) -> list[str]:
+        return sorted({m for it in self.new for m in it.models()})
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for it in self.new:
+            c = it.comparison
+            ts = float(it.timestamp_s)
+            rows.append(
+                {
+                    "query": {
+                        "interaction_id": it.interaction_id,
+                        "idempotency_key": it.idempotency_key or None,
+                        "user_id": it.user_id,
+                        "session_id": it.session_id,
+                        "turn_index": int(it.turn_index),
+                        "text": it.query,
+                        "embedding": it.query_embedding.astype("<f4").tobytes(),
+                        "model": it.model,
+                        "response": it.response,
+                        "rating": None if it.rating is None else float(it.rating),
+                        "winner_model": c.winner_model if c else None,
+                        "loser_model": c.loser_model if c else None,
+                        "tie": c.tie if c else None,
+                        "ts": ts,
+                    },
+                    "turns": [
+                        {
+                            "turn_id": f"{it.interaction_id}:{o.model}",
+                            "interaction_id": it.interaction_id,
+                            "user_id": it.user_id,
+                            "session_id": it.session_id,
+                            "turn_index": int(it.turn_index),
+                            "llm": o.model,
+                            "outcome": float(o.value),
+                            "ts": ts,
+                        }
+                        for o in it.outcomes()
+                    ],
+                    "texts": {it.model: it.response} if it.model else {},
+                }
+            )
+        return rows
+
+    def pairs(self) -> list[dict[str, Any]]:
+        acc: dict[tuple[str, str], list[float]] = {}
+        for it in self.new:
+            c = it.comparison
+            if c is None or c.winner_model == c.loser_model:
+                continue
+            a, b = sorted((c.winner_model, c.loser_model))
+            cell = acc.setdefault((a, b), [0.0, 0.0])
+            if c.tie:
+                cell[0] += 0.5
+                cell[1] += 0.5
+            elif c.winner_model == a:
+                cell[0] += 1.0
+            else:
+                cell[1] += 1.0
+        return [
+            {"model_a": a, "model_b": b, "wins_a": w[0], "wins_b": w[1]}
+            for (a, b), w in sorted(acc.items())
+        ]
+
+    def sessions(self) -> list[dict[str, str]]:
+        keys = sorted({(it.user_id, it.session_id) for it in self.new if it.session_id})
+        return [{"user_id": u, "session_id": s} for u, s in keys]
+
+
+class Neo4jGraphStore(GraphStore):
+    """Graph store on a Neo4j 5 database (Community or Enterprise, single instance or cluster).
+
+    Args:
+        uri: ``neo4j://``, ``neo4j+s://``, ``bolt://`` … URI of the server.
+        credentials: User, password ("" = authentication off) and database name.
+        embedding_dim: Query-embedding dimension ``D``; every interaction must match it.
+        max_transaction_retry_time_s: How long a managed transaction retries transient
+            errors (lost leader, deadlock, connection dropped) before giving up.
+        connection_timeout_s: TCP connect timeout per attempt.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        credentials: Neo4jCredentials,
+        embedding_dim: int,
+        *,
+        max_transaction_retry_time_s: float = 15.0,
+        connection_timeout_s: float = 5.0,
+    ) -> None:
+        self.uri = uri
+        self.credentials = credentials
+        self.database = credentials.database or "neo4j"
+        self.embedding_dim = embedding_dim
+        self.max_transaction_retry_time_s = max_transaction_retry_time_s
+        self.connection_timeout_s = connection_timeout_s
+        #: Write transactions committed so far (one per group commit); for tests and metrics.
+        self.write_transactions = 0
+        self._driver: AsyncDriver | None = None
+        self._bookmarks: AsyncBookmarkManager | None = None
+        self._pending: list[_Pending] = []
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:  # never shows the password
+        return (
+            f"Neo4jGraphStore(uri={self.uri!r}, user={self.credentials.user!r}, "
+            f"database={self.database!r}, embedding_dim={self.embedding_dim})"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the credentials, create constraints and indexes. Idempotent."""
+        if self._driver is not None:
+            return
+        creds = self.credentials
+        auth = (creds.user or "neo4j", creds.password) if creds.password else None
+        try:
+            driver = AsyncGraphDatabase.driver(
+                self.uri,
+                auth=auth,
+                connection_timeout=self.connection_timeout_s,
+                max_transaction_retry_time=self.max_transaction_retry_time_s,
+                user_agent="gmtrouter-graphstore",
+                # "relationship type does not exist yet" on a fresh database is expected.
+                notifications_disabled_classifications=["UNRECOGNIZED"],
+            )
+        except (neo4j_errors.ConfigurationError, ValueError) as exc:
+            raise StoreUnavailableError(f"invalid Neo4j URI {self.uri!r}: {exc}") from exc
+        try:
+            await driver.verify_connectivity()
+            async with driver.session(database=self.database) as session:
+                for statement in SCHEMA:
+                    await self._create_schema(session, statement)
+                await (await session.run("CALL db.awaitIndexes(300)")).consume()
+        except BaseException as exc:
+            await driver.close()
+            if isinstance(exc, neo4j_errors.Neo4jError | neo4j_errors.DriverError):
+                raise self._unavailable(exc, "open") from exc
+            raise
+        self._driver = driver
+        self._bookmarks = AsyncGraphDatabase.bookmark_manager()
+        log.info("opened %r (rust codec: %s)", self, rust_codec_active())
+
+    @staticmethod
+    async def _create_schema(session: AsyncSession, statement: str) -> None:
+        try:
+            await (await session.run(statement)).consume()
+        except neo4j_errors.ClientError as exc:
+            # Two replicas opening at once: the other one created it first.
+            if "AlreadyExists" not in (exc.code or ""):
+                raise
+
+    async def close(self) -> None:
+        """Commit whatever is pending, then close the driver. Safe to call twice."""
+        if self._flush_task is not None:
+            await asyncio.shield(self._flush_task)
+        if self._driver is not None:
+            driver, self._driver = self._driver, None
+            await driver.close()
+
+    def _session(self) -> AsyncSession:
+        if self._driver is None:
+            raise StoreUnavailableError("the Neo4j store is not open")
+        return self._driver.session(database=self.database, bookmark_manager=self._bookmarks)
+
+    def _unavailable(self, exc: BaseException, what: str) -> StoreUnavailableError:
+        where = f"Neo4j at {self.uri} (database {self.database!r})"
+        if isinstance(exc, neo4j_errors.AuthError):
+            return StoreUnavailableError(
+                f"{where} refused the credentials of user {self.credentials.user!r} "
+                f"during {what}; check NEO4J_USER / NEO4J_PASSWORD "
+                f"({type(exc).__name__}: {getattr(exc, 'code', None) or 'auth failed'})"
+            )
+        if isinstance(
+            exc,
+            neo4j_errors.ServiceUnavailable
+            | neo4j_errors.SessionExpired
+            | neo4j_errors.DatabaseUnavailable,
+        ):
+            return StoreUnavailableError(
+                f"{where} is unavailable during {what}: {type(exc).__name__}: {exc}"
+            )
+        if isinstance(exc, neo4j_errors.IncompleteCommit):
+            return StoreUnavailableError(
+                f"{where}: the connection dropped while committing ({what}); the write may or "
+                f"may not be stored, retry with the same idempotency key"
+            )
+        return StoreUnavailableError(f"{where} failed during {what}: {type(exc).__name__}: {exc}")
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """See :meth:`GraphStore.record`. Concurrent calls share one transaction."""
+        batch = list(interactions)
+        for it in batch:
+            check_interaction(it, self.embedding_dim)
+        if not batch:
+            return []
+        if self._driver is None:
+            raise StoreUnavailableError("the Neo4j store is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[RecordResult]] = loop.create_future()
+        self._pending.append((batch, fut))
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_loop())
+        return await asyncio.shield(fut)
+
+    def _take_group(self) -> list[_Pending]:
+        group: list[_Pending] = []
+        size = 0
+        while self._pending and size < MAX_GROUP_INTERACTIONS:
+            entry = self._pending.pop(0)
+            group.append(entry)
+            size += len(entry[0])
+        return group
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            group = self._take_group()
+            try:
+                results = await self._write_group([batch for batch, _ in group])
+            except Exception as exc:
+                err = self._as_unavailable(exc)
+                if len(group) > 1 and self._is_batch_error(err):
+                    # Not a connectivity problem: one call's rows may be at fault. Write the
+                    # calls one by one so that the others still go through.
+                    await self._write_each(group)
+                    continue
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            for (_, fut), res in zip(group, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _as_unavailable(self, exc: Exception) -> StoreUnavailableError:
+        if isinstance(exc, StoreUnavailableError):
+            return exc
+        err = StoreUnavailableError(f"Neo4j write failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    @staticmethod
+    def _is_batch_error(exc: StoreUnavailableError) -> bool:
+        cause = exc.__cause__
+        if isinstance(cause, neo4j_errors.Neo4jError | neo4j_errors.DriverError):
+            return isinstance(cause, neo4j_errors.ClientError) and not isinstance(
+                cause, neo4j_errors.AuthError
+            )
+        return cause is not None  # an unexpected error raised by our own code
+
+    async def _write_each(self, group: list[_Pending]) -> None:
+        for batch, fut in group:
+            try:
+                [res] = await self._write_group([batch])
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(self._as_unavailable(exc))
+                continue
+            if not fut.done():
+                fut.set_result(res)
+
+    async def _write_group(self, batches: list[list[Interaction]]) -> list[list[RecordResult]]:
+        """Write the batches in one transaction; results per batch. Raises StoreUnavailable."""
+        items = [it for batch in batches for it in batch]
+        for attempt in range(1, _CONSTRAINT_ATTEMPTS + 1):
+            try:
+                async with self._session() as session:
+                    flat = await session.execute_write(self._write_tx, items)
+                break
+            except neo4j_errors.ConstraintError as exc:
+                if attempt == _CONSTRAINT_ATTEMPTS:
+                    raise self._unavailable(exc, "record") from exc
+                log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
+            except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+                raise self._unavailable(exc, "record") from exc
+        self.write_transactions += 1
+        out: list[list[RecordResult]] = []
+        start = 0
+        for batch in batches:
+            out.append(flat[start : start + len(batch)])
+            start += len(batch)
+        return out
+
+    @staticmethod
+    async def _write_tx(
+        tx: AsyncManagedTransaction, items: list[Interaction]
+    ) -> list[RecordResult]:
+        keys = sorted({it.idempotency_key for it in items if it.idempotency_key})
+        ids = sorted({it.interaction_id for it in items})
+        record = await (await tx.run(_FIND_DUPLICATES, keys=keys, ids=ids)).single(strict=True)
+        by_key = {k: i for k, i in record["by_key"]}
+        plan = _Plan(items, by_key, set(record["known_ids"]))
+        if not plan.new:
+            return plan.results
+        await (await tx.run(_BUMP_USERS, users=plan.users())).consume()
+        await (await tx.run(_MERGE_LLMS, names=plan.llms())).consume()
+        await (await tx.run(_CREATE_INTERACTIONS, rows=plan.rows())).consume()
+        pairs = plan.pairs()
+        if pairs:
+            await (await tx.run(_ADD_PAIR_COUNTS, pairs=pairs)).consume()
+        sessions = plan.sessions()
+        if sessions:
+            await Neo4jGraphStore._relink_sessions(tx, sessions)
+        return plan.results
+
+    @staticmethod
+    async def _relink_sessions(tx: AsyncManagedTransaction, sessions: list[dict[str, str]]) -> None:
+        """Bring the FOLLOWS edges of the touched sessions up to date (turns may come late)."""
+        result = await tx.run(_SESSION_TURNS, sessions=sessions)
+        turns: list[TurnRow] = []
+        current: dict[str, str | None] = {}
+        async for rec in result:
+            row = _turn_row(rec["turn"])
+            turns.append(row)
+            current[row.turn_id] = rec["prev"]
+        wanted = _previous_turns(turns)
+        changed = [tid for tid, prev in wanted.items() if current.get(tid) != prev]
+        if not changed:
+            return
+        await (await tx.run(_DROP_FOLLOWS, turn_ids=changed)).consume()
+        links = [
+            {"turn_id": tid, "prev_id": wanted[tid]} for tid in changed if wanted[tid] is not None
+        ]
+        if links:
+            await (await tx.run(_ADD_FOLLOWS, links=links)).consume()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """See :meth:`GraphStore.neighbourhood`. All hops run in one read transaction."""
+        if not 1 <= hops <= 4:
+            raise ValueError(f"hops (got {hops}) must be in 1..4")
+        if len(fan_out) < 3 or any(f < 0 for f in fan_out):
+            raise ValueError(f"fan_out (got {list(fan_out)}) needs 3+ non-negative entries")
+        caps = [int(f) for f in fan_out]
+
+        async def work(
+            tx: AsyncManagedTransaction,
+        ) -> tuple[int, list[TurnRow], dict[str, bytes]]:
+            rec = await (await tx.run(_SEED_TURNS, user_id=user_id, limit=caps[0])).single(
+                strict=True
+            )
+            version = int(rec["version"])
+            turns = [_turn_row(t) for t in rec["turns"]]
+            embeddings = {i: bytes(e) for i, e in rec["embeddings"]}
+            if hops >= 3 and turns:
+                llms = sorted({t.llm for t in turns})
+                result = await tx.run(_OTHER_TURNS, llms=llms, user_id=user_id, limit=caps[2])
+                async for r in result:
+                    turns += [_turn_row(t) for t in r["turns"]]
+                    embeddings.update((i, bytes(e)) for i, e in r["embeddings"])
+            return version, turns, embeddings
+
+        version, turns, embeddings = await self._read(work, "neighbourhood")
+        return assemble_neighbourhood(user_id, version, turns, embeddings, self.embedding_dim)
+
+    async def _read(self, work: Any, what: str) -> Any:
+        try:
+            async with self._session() as session:
+                return await session.execute_read(work)
+        except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+            raise self._unavailable(exc, what) from exc
+
+    async def user_version(self, user_id: str) -> int:
+        """See :meth:`GraphStore.user_version`."""
+
+        async def work(tx: AsyncManagedTransaction) -> int:
+            rec = await (
+                await tx.run(
+                    "OPTIONAL MATCH (u:User {user_id: $user_id}) "
+                    "RETURN coalesce(u.version, 0) AS version",
+                    user_id=user_id,
+                )
+            ).single(strict=True)
+            return int(rec["version"])
+
+        return int(await self._read(work, "user_version"))
+
+    async def list_models(self) -> list[str]:
+        """See :meth:`GraphStore.list_models`."""
+
+        async def work(tx: AsyncManagedTransaction) -> list[str]:
+            return [r["name"] async for r in await tx.run("MATCH (m:LLM) RETURN m.name AS name")]
+
+        return sorted(await self._read(work, "list_models"))
+
+    async def pair_counts(self) -> list[PairCount]:
+        """See :meth:`GraphStore.pair_counts`."""
+
+        async def work(tx: AsyncManagedTransaction) -> list[PairCount]:
+            result = await tx.run(
+                "MATCH (p:PairCount) RETURN p.model_a AS a, p.model_b AS b, "
+                "p.wins_a AS wa, p.wins_b AS wb"
+            )
+            return [PairCount(r["a"], r["b"], float(r["wa"]), float(r["wb"])) async for r in result]
+
+        rows: list[PairCount] = await self._read(work, "pair_counts")
+        return sorted(rows, key=lambda p: (p.model_a, p.model_b))
+
+    async def counts(self) -> dict[str, int]:
+        """See :meth:`GraphStore.counts`."""
+
+        async def work(tx: AsyncManagedTransaction) -> dict[str, int]:
+            rec = await (await tx.run(_COUNTS)).single(strict=True)
+            return {k: int(rec[k]) for k in ("user", "llm", "query", "response", "turn")}
+
+        out: dict[str, int] = await self._read(work, "counts")
+        out["interaction"] = out["query"]
+        return out

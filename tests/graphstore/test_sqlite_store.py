@@ -1,0 +1,161 @@
+"""SQLite store specifics: durability across restarts and crashes, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from graphstore.interactions import Comparison, Interaction
+from graphstore.sqlite_store import SQLiteGraphStore
+
+DIM = 8
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make(n: int, user: str = "u1", session: str = "s1", turn: int = 0) -> Interaction:
+    return Interaction(
+        interaction_id=f"i{n:04d}",
+        user_id=user,
+        session_id=session,
+        turn_index=turn,
+        query=f"query {n}",
+        query_embedding=np.full(DIM, n, dtype=np.float32),
+        model="m-a",
+        response=f"response {n}",
+        timestamp_s=float(n),
+        idempotency_key=f"k{n:04d}",
+        comparison=Comparison("m-a", "m-b", tie=n % 3 == 0) if n % 2 else None,
+    )
+
+
+async def snapshot(store: SQLiteGraphStore, users: list[str]) -> dict[str, Any]:
+    """Everything a reader can see, in comparable form."""
+    out: dict[str, Any] = {
+        "counts": await store.counts(),
+        "models": await store.list_models(),
+        "pairs": await store.pair_counts(),
+    }
+    for u in users:
+        n = await store.neighbourhood(u, hops=4)
+        out[u] = (
+            await store.user_version(u),
+            n.user_ids,
+            n.turn_ids,
+            n.query_ids,
+            n.query_embedding.tobytes(),
+            n.turn_outcome.tolist(),
+            n.turn_prev.tolist(),
+        )
+    return out
+
+
+async def test_writes_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "graph.db"
+    store = SQLiteGraphStore(path, embedding_dim=DIM)
+    await store.open()
+    await store.record([make(i, user=f"u{i % 3}", session=f"s{i % 5}", turn=i) for i in range(20)])
+    await asyncio.gather(*(store.record([make(i, user="u9")]) for i in range(20, 40)))
+    users = ["u0", "u1", "u2", "u9", "nobody"]
+    before = await snapshot(store, users)
+    await store.close()
+    await store.close()  # twice is fine
+
+    reopened = SQLiteGraphStore(path, embedding_dim=DIM)
+    await reopened.open()
+    try:
+        assert await snapshot(reopened, users) == before
+        assert before["counts"]["interaction"] == 40
+        [dup] = await reopened.record([make(5)])
+        assert dup.duplicate and dup.interaction_id == "i0005"
+    finally:
+        await reopened.close()
+
+
+def test_acknowledged_writes_survive_a_killed_process(tmp_path: Path) -> None:
+    """A process that is killed right after ``record`` returned loses nothing it was told."""
+    path = tmp_path / "graph.db"
+    child = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        import numpy as np
+        from graphstore.interactions import Interaction
+        from graphstore.sqlite_store import SQLiteGraphStore
+
+        async def main():
+            store = SQLiteGraphStore({str(path)!r}, embedding_dim={DIM})
+            await store.open()
+            for i in range(25):
+                it = Interaction(f"i{{i}}", "u1", "s1", i, "q", np.full({DIM}, i, np.float32),
+                                 "m-a", "r", float(i), f"k{{i}}", rating=0.5)
+                await store.record([it])
+                print(f"ack {{i}}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no close(), no flush
+
+        asyncio.run(main())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == -9, done.stderr
+    acked = [line for line in done.stdout.splitlines() if line.startswith("ack ")]
+    assert len(acked) == 25
+
+    async def read() -> tuple[dict[str, int], int]:
+        store = SQLiteGraphStore(path, embedding_dim=DIM)
+        await store.open()
+        try:
+            return await store.counts(), await store.user_version("u1")
+        finally:
+            await store.close()
+
+    counts, version = asyncio.run(read())
+    assert counts["interaction"] == 25 and version == 25
+
+
+async def test_group_commit_under_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteGraphStore(tmp_path / "graph.db", embedding_dim=DIM)
+    await store.open()
+    transactions: list[int] = []
+    write_groups = store._write_groups
+
+    def counting(groups: Any) -> Any:
+        transactions.append(len(groups))
+        return write_groups(groups)
+
+    monkeypatch.setattr(store, "_write_groups", counting)
+    try:
+        results = await asyncio.gather(
+            *(store.record([make(i, user=f"u{i % 10}")]) for i in range(200))
+        )
+        assert [r[0].interaction_id for r in results] == [f"i{i:04d}" for i in range(200)]
+        assert not any(r[0].duplicate for r in results)
+        assert sum(transactions) == 200
+        assert len(transactions) < 20, transactions  # grouped, not one commit per call
+        counts = await store.counts()
+        assert counts["interaction"] == 200 and counts["user"] == 10
+        assert [await store.user_version(f"u{u}") for u in range(10)] == [20] * 10
+        # A second wave while the first is still committing is grouped too.
+        more = [store.record([make(i)]) for i in range(200, 300)]
+        dups = [store.record([make(i)]) for i in range(0, 50)]
+        res = await asyncio.gather(*more, *dups)
+        assert sum(r[0].duplicate for r in res) == 50
+        assert (await store.counts())["interaction"] == 300
+    finally:
+        await store.close()

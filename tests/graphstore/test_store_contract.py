@@ -1,0 +1,608 @@
+"""One contract suite for every ``GraphStore``: SQLite (in memory and on a file) and Neo4j.
+
+The Neo4j cases need a server (``tests/graphstore/conftest.py``); without one they skip (and
+fail under ``CI=true``). A cross-store test records the same interactions into SQLite and
+Neo4j and checks that both sample the same neighbourhoods; a few Neo4j-only checks follow
+(schema, ``FOLLOWS`` edges, codec, errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+from neo4j import GraphDatabase
+
+from graphstore.errors import InvalidInteractionError, StoreUnavailableError
+from graphstore.factory import Neo4jCredentials
+from graphstore.interactions import Comparison, Interaction, PairCount
+from graphstore.neighbourhood import Neighbourhood
+from graphstore.neo4j_store import Neo4jGraphStore, rust_codec_active
+from graphstore.sqlite_store import SQLiteGraphStore
+from graphstore.store import GraphStore
+
+if TYPE_CHECKING:
+    from tests.graphstore.conftest import Neo4jTarget
+
+DIM = 8
+
+STORES = [
+    pytest.param("sqlite-memory", id="sqlite-memory"),
+    pytest.param("sqlite-file", id="sqlite-file"),
+    pytest.param("neo4j", id="neo4j", marks=pytest.mark.neo4j),
+]
+
+
+def make(
+    n: int,
+    user: str = "u1",
+    session: str = "s1",
+    turn: int = 0,
+    model: str = "m-a",
+    ts: float | None = None,
+    *,
+    key: str | None = None,
+    iid: str | None = None,
+    rating: float | None = None,
+    comparison: Comparison | None = None,
+) -> Interaction:
+    """Interaction number ``n``: id ``i<n>``, key ``k<n>``, embedding filled from ``n``."""
+    emb = (np.arange(DIM, dtype=np.float32) + n * 10.0).astype(np.float32)
+    return Interaction(
+        interaction_id=iid or f"i{n:04d}",
+        user_id=user,
+        session_id=session,
+        turn_index=turn,
+        query=f"query {n}",
+        query_embedding=emb,
+        model=model,
+        response=f"response {n}",
+        timestamp_s=float(n) if ts is None else ts,
+        idempotency_key=f"k{n:04d}" if key is None else key,
+        rating=rating,
+        comparison=comparison,
+    )
+
+
+def open_neo4j(target: Neo4jTarget) -> Neo4jGraphStore:
+    return Neo4jGraphStore(target.uri, credentials=target.credentials, embedding_dim=DIM)
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[GraphStore]:
+    kind = request.param
+    s: GraphStore
+    if kind == "sqlite-memory":
+        s = SQLiteGraphStore(":memory:", embedding_dim=DIM)
+    elif kind == "sqlite-file":
+        s = SQLiteGraphStore(tmp_path / "graph.db", embedding_dim=DIM)
+    else:
+        s = open_neo4j(request.getfixturevalue("clean_neo4j"))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def turn_table(n: Neighbourhood) -> dict[str, tuple[str, str, str, float, str | None]]:
+    """turn_id → (user, query id, llm, outcome, previous turn id)."""
+    return {
+        tid: (
+            n.user_ids[int(n.turn_user[i])],
+            n.query_ids[int(n.turn_query[i])],
+            n.llm_names[int(n.turn_llm[i])],
+            float(n.turn_outcome[i]),
+            n.turn_ids[int(n.turn_prev[i])] if n.turn_prev[i] >= 0 else None,
+        )
+        for i, tid in enumerate(n.turn_ids)
+    }
+
+
+def check_shapes(n: Neighbourhood) -> None:
+    t = n.num_turns
+    assert n.query_embedding.dtype == np.float32
+    assert n.query_embedding.shape == (len(n.query_ids), DIM)
+    for arr in (n.turn_user, n.turn_query, n.turn_llm, n.turn_prev, n.turn_index):
+        assert arr.dtype == np.int64 and arr.shape == (t,)
+    assert n.turn_outcome.dtype == np.float32 and n.turn_time_s.dtype == np.float64
+    assert len(n.turn_session) == t and len(set(n.turn_ids)) == t
+
+
+# -- writes, idempotency, counts ------------------------------------------------------------
+
+
+async def test_empty_store(store: GraphStore) -> None:
+    assert await store.counts() == dict.fromkeys(
+        ("user", "llm", "query", "response", "turn", "interaction"), 0
+    )
+    assert await store.list_models() == []
+    assert await store.pair_counts() == []
+    assert await store.record([]) == []
+
+
+async def test_record_counts_and_models(store: GraphStore) -> None:
+    res = await store.record(
+        [
+            make(1, model="m-a", comparison=Comparison("m-a", "m-b")),
+            make(2, user="u2", model="m-c", rating=0.25),
+            make(3, model="m-d"),  # no feedback
+            make(4, model="m-z", comparison=Comparison("m-a", "m-c", tie=True)),
+        ]
+    )
+    assert [(r.interaction_id, r.duplicate) for r in res] == [
+        ("i0001", False),
+        ("i0002", False),
+        ("i0003", False),
+        ("i0004", False),
+    ]
+    assert await store.counts() == {
+        "user": 2,
+        "llm": 5,  # m-z served the comparison's text without an outcome; it is still an LLM
+        "query": 4,
+        "response": 6,
+        "turn": 6,
+        "interaction": 4,
+    }
+    assert await store.list_models() == ["m-a", "m-b", "m-c", "m-d", "m-z"]
+
+
+async def test_duplicate_idempotency_key_writes_nothing(store: GraphStore) -> None:
+    [first] = await store.record([make(1, comparison=Comparison("m-a", "m-b"))])
+    assert not first.duplicate
+    before = (await store.counts(), await store.user_version("u1"), await store.pair_counts())
+    # Same key, another interaction id (a client retry that got a fresh server id).
+    [again] = await store.record([make(2, key="k0001", comparison=Comparison("m-a", "m-b"))])
+    assert again.duplicate and again.interaction_id == "i0001"
+    # Same interaction id, another key.
+    [same_id] = await store.record([make(3, iid="i0001", key="other")])
+    assert same_id.duplicate and same_id.interaction_id == "i0001"
+    after = (await store.counts(), await store.user_version("u1"), await store.pair_counts())
+    assert after == before
+
+
+async def test_duplicates_inside_one_batch(store: GraphStore) -> None:
+    res = await store.record([make(1), make(2, key="k0001"), make(3, iid="i0001", key="x")])
+    assert [(r.interaction_id, r.duplicate) for r in res] == [
+        ("i0001", False),
+        ("i0001", True),
+        ("i0001", True),
+    ]
+    assert (await store.counts())["interaction"] == 1
+
+
+async def test_empty_idempotency_key_is_not_a_key(store: GraphStore) -> None:
+    res = await store.record([make(1, key=""), make(2, key="")])
+    assert [r.duplicate for r in res] == [False, False]
+    assert (await store.counts())["interaction"] == 2
+
+
+async def test_invalid_embedding_is_rejected_and_nothing_written(store: GraphStore) -> None:
+    bad = dataclasses.replace(make(2), query_embedding=np.zeros(DIM + 1, np.float32))
+    with pytest.raises(InvalidInteractionError):
+        await store.record([make(1), bad])
+    wrong_dtype = dataclasses.replace(make(3), query_embedding=np.zeros(DIM, np.float64))
+    with pytest.raises(InvalidInteractionError):
+        await store.record([wrong_dtype])
+    assert (await store.counts())["interaction"] == 0
+
+
+async def test_user_version_counts_writes(store: GraphStore) -> None:
+    assert await store.user_version("u1") == 0
+    await store.record([make(1)])
+    assert await store.user_version("u1") == 1
+    await store.record([make(2), make(3, user="u2"), make(4)])
+    assert await store.user_version("u1") == 3
+    assert await store.user_version("u2") == 1
+    await store.record([make(2)])  # duplicate: no write
+    assert await store.user_version("u1") == 3
+    n = await store.neighbourhood("u1")
+    assert n.version == 3
+
+
+async def test_outcomes_of_comparison_rating_tie_and_no_feedback(store: GraphStore) -> None:
+    await store.record(
+        [
+            make(1, comparison=Comparison("m-a", "m-b")),
+            make(2, comparison=Comparison("m-b", "m-c", tie=True)),
+            make(3, model="m-c", rating=0.75),
+            make(4, model="m-d"),
+        ]
+    )
+    n = await store.neighbourhood("u1")
+    check_shapes(n)
+    outcome = {tid: row[3] for tid, row in turn_table(n).items()}
+    assert outcome == {
+        "i0001:m-a": 1.0,
+        "i0001:m-b": 0.0,
+        "i0002:m-b": 0.5,
+        "i0002:m-c": 0.5,
+        "i0003:m-c": 0.75,
+        "i0004:m-d": 0.5,
+    }
+
+
+async def test_pair_counts_aggregate_with_ties_as_half(store: GraphStore) -> None:
+    await store.record(
+        [
+            make(1, comparison=Comparison("m-b", "m-a")),
+            make(2, comparison=Comparison("m-a", "m-b")),
+            make(3, comparison=Comparison("m-b", "m-a")),
+            make(4, comparison=Comparison("m-a", "m-b", tie=True)),
+            make(5, user="u2", comparison=Comparison("m-c", "m-a")),
+        ]
+    )
+    await store.record([make(6, comparison=Comparison("m-c", "m-a", tie=True)), make(7)])
+    assert await store.pair_counts() == [
+        PairCount("m-a", "m-b", 1.5, 2.5),
+        PairCount("m-a", "m-c", 0.5, 1.5),
+    ]
+
+
+async def test_concurrent_records_are_all_acknowledged_and_stored(store: GraphStore) -> None:
+    calls = [store.record([make(i, user=f"u{i % 7}")]) for i in range(200)]
+    results = await asyncio.gather(*calls)
+    assert [r[0].interaction_id for r in results] == [make(i).interaction_id for i in range(200)]
+    assert not any(r[0].duplicate for r in results)
+    counts = await store.counts()
+    assert counts["interaction"] == 200 and counts["user"] == 7
+    assert sum([await store.user_version(f"u{u}") for u in range(7)]) == 200
+
+
+async def test_concurrent_duplicates_store_one(store: GraphStore) -> None:
+    calls = [store.record([make(100 + i, key="same-key")]) for i in range(20)]
+    results = [r[0] for r in await asyncio.gather(*calls)]
+    assert sum(not r.duplicate for r in results) == 1
+    assert {r.interaction_id for r in results} == {"i0100"}
+    assert (await store.counts())["interaction"] == 1
+
+
+# -- neighbourhood sampling -----------------------------------------------------------------
+
+
+async def test_unknown_user_gives_empty_neighbourhood(store: GraphStore) -> None:
+    await store.record([make(1, user="someone")])
+    for hops in (1, 2, 3, 4):
+        n = await store.neighbourhood("nobody", hops=hops)
+        assert n.user_ids == ["nobody"] and n.num_turns == 0 and n.version == 0
+        assert n.query_embedding.shape == (0, DIM) and n.llm_names == []
+        check_shapes(n)
+
+
+async def test_newest_first_and_user_fan_out_cap(store: GraphStore) -> None:
+    order = list(range(1, 11))
+    random.Random(0).shuffle(order)
+    await store.record([make(i, session=f"s{i}", ts=100.0 + i) for i in order])
+    # Two turns with the same timestamp: turn_id descending breaks the tie.
+    await store.record([make(20, session="t", ts=200.0), make(21, session="t", ts=200.0)])
+    n = await store.neighbourhood("u1", hops=2, fan_out=(5, 8, 16, 8))
+    assert n.turn_ids == ["i0021:m-a", "i0020:m-a", "i0010:m-a", "i0009:m-a", "i0008:m-a"]
+    assert list(n.turn_time_s) == [200.0, 200.0, 110.0, 109.0, 108.0]
+    assert n.num_turns == 5 and (await store.neighbourhood("u1", fan_out=(0, 8, 16))).num_turns == 0
+    everything = await store.neighbourhood("u1", hops=2, fan_out=(64, 8, 16, 8))
+    assert everything.num_turns == 12 and everything.user_ids == ["u1"]
+
+
+async def test_embeddings_per_query(store: GraphStore) -> None:
+    await store.record([make(1, comparison=Comparison("m-a", "m-b")), make(2), make(3)])
+    n = await store.neighbourhood("u1")
+    assert sorted(n.query_ids) == ["i0001", "i0002", "i0003"]
+    for q, emb in zip(n.query_ids, n.query_embedding, strict=True):
+        np.testing.assert_array_equal(emb, make(int(q[1:])).query_embedding)
+
+
+OTHERS = [
+    make(100 + 3 * i + k, user=f"u{2 + i % 2}", session=f"o{i}", model=m, ts=float(i // 2))
+    for i in range(30)
+    for k, m in enumerate(("m-a", "m-b", "m-c"))
+    if (i + k) % 3
+]
+
+
+async def seed_other_users(store: GraphStore) -> None:
+    """u1 uses m-a and m-b; u2 and u3 use m-a, m-b and m-c, many turns each (ts ties)."""
+    await store.record(
+        [
+            make(1, user="u1", model="m-a", ts=1000.0),
+            make(2, user="u1", session="s2", model="m-b", ts=1001.0),
+            make(3, user="u1", session="s3", model="m-b", ts=1.0),
+        ]
+    )
+    await store.record(OTHERS)
+
+
+async def test_hops_one_and_two_are_the_users_turns(store: GraphStore) -> None:
+    await seed_other_users(store)
+    n1 = await store.neighbourhood("u1", hops=1)
+    n2 = await store.neighbourhood("u1", hops=2)
+    assert turn_table(n1) == turn_table(n2)
+    assert set(n2.turn_ids) == {"i0001:m-a", "i0002:m-b", "i0003:m-b"}
+    assert n2.user_ids == ["u1"]
+
+
+def newest_other_turns(llm: str, cap: int) -> set[str]:
+    ranked = sorted(
+        ((it.timestamp_s, f"{it.interaction_id}:{llm}") for it in OTHERS if it.model == llm),
+        reverse=True,
+    )
+    return {tid for _, tid in ranked[:cap]}
+
+
+@pytest.mark.parametrize("cap", [0, 1, 4, 1000])
+async def test_hops_three_and_four_add_other_users_turns_per_llm(
+    store: GraphStore, cap: int
+) -> None:
+    await seed_other_users(store)
+    n3 = await store.neighbourhood("u1", hops=3, fan_out=(64, 8, cap, 8))
+    n4 = await store.neighbourhood("u1", hops=4, fan_out=(64, 8, cap, 8))
+    check_shapes(n4)
+    assert turn_table(n3) == turn_table(n4)
+    table = turn_table(n4)
+    own = {t for t, row in table.items() if row[0] == "u1"}
+    assert own == {"i0001:m-a", "i0002:m-b", "i0003:m-b"}
+    others = {t for t, row in table.items() if row[0] != "u1"}
+    # m-c is not an LLM of u1; the newest `cap` other-user turns of m-a and of m-b.
+    assert others == newest_other_turns("m-a", cap) | newest_other_turns("m-b", cap)
+    if cap:
+        assert n4.user_ids[0] == "u1" and set(n4.user_ids) == {"u1", "u2", "u3"}
+    # The other users' turns come with their queries (embeddings) and users.
+    assert set(n4.query_ids) == {row[1] for row in table.values()}
+    for i, q in enumerate(n4.query_ids):
+        n = int(q[1:])
+        np.testing.assert_array_equal(n4.query_embedding[i], make(n).query_embedding)
+    # Newest first within the seed's turns, then within each LLM's other turns.
+    assert n4.turn_ids[:3] == ["i0002:m-b", "i0001:m-a", "i0003:m-b"]
+
+
+async def test_turn_prev_chaining(store: GraphStore) -> None:
+    await store.record(
+        [
+            make(1, session="s1", turn=0, comparison=Comparison("m-a", "m-b"), ts=10.0),
+            make(3, session="s1", turn=2, model="m-a", rating=1.0, ts=12.0),
+            make(4, session="s2", turn=1, model="m-a", ts=13.0),  # its turn 0 is missing
+            make(5, user="u2", session="s1", turn=1, model="m-a", ts=14.0),  # another user
+        ]
+    )
+    # Recorded late: turn 1 of s1 comes after turn 2.
+    await store.record([make(2, session="s1", turn=1, model="m-b", ts=11.0)])
+    n = await store.neighbourhood("u1", hops=2)
+    prev = {tid: row[4] for tid, row in turn_table(n).items()}
+    assert prev == {
+        "i0001:m-a": None,
+        "i0001:m-b": None,
+        "i0002:m-b": "i0001:m-b",  # the same LLM is preferred among turn 0's turns
+        "i0003:m-a": "i0002:m-b",  # greatest smaller turn index wins over the same LLM
+        "i0004:m-a": None,
+    }
+    n4 = await store.neighbourhood("u2", hops=4)
+    assert turn_table(n4)["i0005:m-a"][4] is None  # u2's s1 is not u1's s1
+
+
+async def test_argument_checks(store: GraphStore) -> None:
+    for hops in (0, 5):
+        with pytest.raises(ValueError):
+            await store.neighbourhood("u1", hops=hops)
+    with pytest.raises(ValueError):
+        await store.neighbourhood("u1", fan_out=(4, 4))
+    with pytest.raises(ValueError):
+        await store.neighbourhood("u1", fan_out=(4, -1, 4))
+
+
+# -- the same interactions in SQLite and Neo4j ----------------------------------------------
+
+
+def random_interactions(seed: int) -> list[Interaction]:
+    """A few users, sessions of 2 turns, comparisons (with ties), ratings and plain turns."""
+    rng = random.Random(seed)
+    models = ["m-a", "m-b", "m-c", "m-d"]
+    out: list[Interaction] = []
+    n = 0
+    for u in range(5):
+        for s in range(rng.randint(1, 4)):
+            base = rng.choice([50.0, 60.0, 70.0]) + s  # timestamp ties across users
+            for turn in range(2):
+                n += 1
+                kind = rng.random()
+                winner, loser = rng.sample(models, 2)
+                out.append(
+                    make(
+                        n,
+                        user=f"user-{u}",
+                        session=f"sess-{s}",
+                        turn=turn,
+                        model=winner,
+                        ts=base + turn,
+                        comparison=(
+                            Comparison(winner, loser, tie=rng.random() < 0.3)
+                            if kind < 0.5
+                            else None
+                        ),
+                        rating=rng.random() if 0.5 <= kind < 0.8 else None,
+                    )
+                )
+    rng.shuffle(out)
+    return out
+
+
+def as_sets(
+    n: Neighbourhood,
+) -> tuple[int, str, set[tuple[str, str, str, str, float, str | None]], dict[str, bytes]]:
+    rows = {(tid, *row) for tid, row in turn_table(n).items()}
+    embeddings = {q: n.query_embedding[i].tobytes() for i, q in enumerate(n.query_ids)}
+    return n.version, n.user_ids[0], rows, embeddings
+
+
+@pytest.mark.neo4j
+async def test_sqlite_and_neo4j_sample_the_same_neighbourhoods(clean_neo4j: Neo4jTarget) -> None:
+    interactions = random_interactions(seed=7)
+    sqlite = SQLiteGraphStore(":memory:", embedding_dim=DIM)
+    neo = open_neo4j(clean_neo4j)
+    await sqlite.open()
+    await neo.open()
+    try:
+        for s in (sqlite, neo):
+            half = len(interactions) // 2
+            await s.record(interactions[:half])
+            await asyncio.gather(*(s.record([it]) for it in interactions[half:]))
+            await s.record(interactions[:3])  # duplicates
+        assert await sqlite.counts() == await neo.counts()
+        assert await sqlite.pair_counts() == await neo.pair_counts()
+        assert await sqlite.list_models() == await neo.list_models()
+        users = [*sorted({it.user_id for it in interactions}), "nobody"]
+        compared = 0
+        for user in users:
+            assert await sqlite.user_version(user) == await neo.user_version(user)
+            for hops in (1, 2, 3, 4):
+                for fan_out in ((64, 8, 16, 8), (3, 8, 2, 8), (1, 1, 1, 1)):
+                    a = await sqlite.neighbourhood(user, hops, fan_out)
+                    b = await neo.neighbourhood(user, hops, fan_out)
+                    check_shapes(b)
+                    assert as_sets(a) == as_sets(b), (user, hops, fan_out)
+                    compared += a.num_turns
+        assert compared > 100
+    finally:
+        await sqlite.close()
+        await neo.close()
+
+
+# -- Neo4j only -----------------------------------------------------------------------------
+
+
+def test_rust_codec_is_active() -> None:
+    assert rust_codec_active(), "neo4j-rust-ext is installed but the driver does not use it"
+
+
+async def test_unreachable_neo4j_is_store_unavailable() -> None:
+    s = Neo4jGraphStore(
+        "bolt://127.0.0.1:1",
+        credentials=Neo4jCredentials("neo4j", "s3cret-password", "neo4j"),
+        embedding_dim=DIM,
+        connection_timeout_s=1.0,
+    )
+    with pytest.raises(StoreUnavailableError) as info:
+        await s.open()
+    assert "bolt://127.0.0.1:1" in str(info.value)
+    assert "s3cret-password" not in str(info.value) and "s3cret-password" not in repr(s)
+    with pytest.raises(StoreUnavailableError):
+        await s.record([make(1)])
+    await s.close()
+
+
+@pytest.mark.neo4j
+async def test_neo4j_schema_and_graph_shape(clean_neo4j: Neo4jTarget) -> None:
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    await s.open()  # idempotent, and so is the schema
+    try:
+        await s.record(
+            [
+                make(1, session="s1", turn=0, comparison=Comparison("m-a", "m-b"), ts=1.0),
+                make(2, session="s1", turn=1, model="m-b", ts=2.0),
+            ]
+        )
+    finally:
+        await s.close()
+    db = clean_neo4j.credentials.database
+    with GraphDatabase.driver(clean_neo4j.uri, auth=clean_neo4j.auth()) as driver:
+        names = {r["name"] for r in driver.execute_query("SHOW CONSTRAINTS", database_=db).records}
+        assert {
+            "user_id",
+            "llm_name",
+            "query_interaction_id",
+            "query_idempotency_key",
+            "response_id",
+            "turn_id",
+            "pair_count_models",
+        } <= names
+        indexes = {r["name"] for r in driver.execute_query("SHOW INDEXES", database_=db).records}
+        assert {"turn_ts", "turn_user_ts", "turn_llm_ts", "turn_user_session"} <= indexes
+
+        def one(query: str) -> object:
+            return driver.execute_query(query, database_=db).records[0][0]
+
+        assert one("MATCH (:User {user_id:'u1'})-[:SUBMITTED]->(q:Query) RETURN count(q)") == 2
+        assert one("MATCH (:Query)-[:RECEIVED]->(r:Response) RETURN count(r)") == 3
+        assert one("MATCH (:Response)-[:GENERATED_BY]->(m:LLM) RETURN count(m)") == 3
+        assert (
+            one(
+                "MATCH (u:User)<-[:OF_USER]-(t:Turn)-[:ASKED]->(q:Query)<-[:SUBMITTED]-(u), "
+                "(t)-[:ANSWERED_BY]->(m:LLM)<-[:GENERATED_BY]-(r:Response)<-[:HAS_RESPONSE]-(t), "
+                "(q)-[:RECEIVED]->(r) RETURN count(t)"
+            )
+            == 3
+        )
+        assert one(
+            "MATCH (t:Turn)-[:FOLLOWS]->(p:Turn) RETURN collect(t.turn_id + '->' + p.turn_id)"
+        ) == ["i0002:m-b->i0001:m-b"]
+        pair = driver.execute_query(
+            "MATCH (a:LLM)<-[:MODEL_A]-(p:PairCount)-[:MODEL_B]->(b:LLM) "
+            "RETURN a.name AS a, b.name AS b, p.wins_a AS wa, p.wins_b AS wb",
+            database_=db,
+        ).records
+        assert [tuple(r.values()) for r in pair] == [("m-a", "m-b", 1.0, 0.0)]
+        emb = one("MATCH (q:Query {interaction_id: 'i0001'}) RETURN q.embedding")
+        assert isinstance(emb, bytes) and len(emb) == 4 * DIM
+        assert np.frombuffer(emb, "<f4").tolist() == make(1).query_embedding.tolist()
+
+
+@pytest.mark.neo4j
+async def test_neo4j_groups_concurrent_records_into_few_transactions(
+    clean_neo4j: Neo4jTarget,
+) -> None:
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        await asyncio.gather(*(s.record([make(i)]) for i in range(100)))
+        assert (await s.counts())["interaction"] == 100
+        assert s.write_transactions < 20, s.write_transactions
+    finally:
+        await s.close()
+
+
+@pytest.mark.neo4j
+async def test_neo4j_rejects_a_comparison_of_a_model_with_itself(clean_neo4j: Neo4jTarget) -> None:
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        with pytest.raises(InvalidInteractionError):
+            await s.record([make(1, comparison=Comparison("m-a", "m-a"))])
+        assert (await s.counts())["interaction"] == 0
+    finally:
+        await s.close()
+
+
+@pytest.mark.neo4j
+async def test_two_replicas_racing_on_the_same_keys_store_each_once(
+    clean_neo4j: Neo4jTarget,
+) -> None:
+    """Two stores (two drivers, as two server replicas) record overlapping keys at once."""
+    a, b = open_neo4j(clean_neo4j), open_neo4j(clean_neo4j)
+    await a.open()
+    await b.open()
+    try:
+        items = [make(i, user=f"u{i % 3}", session=f"s{i % 4}", turn=i // 4) for i in range(40)]
+        # Replica b gets the same keys under fresh interaction ids (client retries elsewhere).
+        retried = [
+            dataclasses.replace(it, interaction_id=f"x{i:04d}") for i, it in enumerate(items)
+        ]
+        results = await asyncio.gather(
+            *(a.record([it]) for it in items), *(b.record([it]) for it in retried)
+        )
+        by_key: dict[str, set[str]] = {}
+        fresh = 0
+        for (res,), it in zip(results, items + retried, strict=True):
+            by_key.setdefault(it.idempotency_key, set()).add(res.interaction_id)
+            fresh += not res.duplicate
+        assert fresh == 40 and all(len(ids) == 1 for ids in by_key.values())
+        counts = await a.counts()
+        assert counts["interaction"] == 40 and counts["turn"] == 40
+        assert sum([await b.user_version(f"u{u}") for u in range(3)]) == 40
+    finally:
+        await a.close()
+        await b.close()
