@@ -53,8 +53,7 @@ CREATE TABLE IF NOT EXISTS interactions (
     winner_model TEXT,
     loser_model TEXT,
     tie INTEGER,
-    ts REAL NOT NULL,
-    seq INTEGER NOT NULL
+    ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS turns (
     turn_id TEXT PRIMARY KEY,
@@ -217,11 +216,10 @@ class SQLiteGraphStore(GraphStore):
         )
         conn.executemany("INSERT OR IGNORE INTO llms(name) VALUES (?)", [(m,) for m in it.models()])
         c = it.comparison
-        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM interactions").fetchone()[0]
         conn.execute(
             "INSERT INTO interactions(interaction_id, idempotency_key, user_id, session_id, "
             "turn_index, query, query_embedding, model, response, rating, winner_model, "
-            "loser_model, tie, ts, seq) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "loser_model, tie, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 it.interaction_id,
                 it.idempotency_key or None,
@@ -237,7 +235,6 @@ class SQLiteGraphStore(GraphStore):
                 c.loser_model if c else None,
                 int(c.tie) if c else None,
                 it.timestamp_s,
-                seq,
             ),
         )
         conn.executemany(

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import numpy as np
+import numpy.typing as npt
 import typer
 
 from server.config import ConfigError, load_settings
 from server.logs import configure_logging
+
+if TYPE_CHECKING:
+    from model.datasets import PreferenceRecord
 
 app = typer.Typer(
     help="gmtrouter: personalized LLM routing over a heterogeneous interaction graph.",
@@ -160,9 +166,7 @@ def replay(
     """Play a data set's judged comparisons through the real gRPC API; report online accuracy."""
     import tempfile
 
-    from model.data import embed_texts
     from model.datasets import load_dataset
-    from model.text_encoder import TextEncoder
     from server import replay as rp
 
     if (target is None) == (not embedded):
@@ -173,11 +177,7 @@ def replay(
     except (OSError, ValueError) as exc:
         typer.echo(f"cannot read {dataset} from {data_path}: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{len(records)} comparisons from {data_path}; embedding queries …", err=True)
-    texts = list(dict.fromkeys(r.query_text for r in records))
-    unique = embed_texts(TextEncoder(), texts)
-    row = {t: i for i, t in enumerate(texts)}
-    embeddings = unique[[row[r.query_text] for r in records]]
+    embeddings = _embed_queries(records)
     kwargs: dict[str, Any] = {
         "dataset": dataset,
         "seed": seed,
@@ -204,6 +204,66 @@ def replay(
     if plot is not None:
         rp.plot_replay(result, plot)
         typer.echo(f"plot: {plot}")
+
+
+@app.command("import")
+def import_(
+    dataset: DatasetOpt,
+    data_path: DataPathOpt,
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    seed: Annotated[int, typer.Option(help="Conversation-order seed (as replay).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Interactions per write batch.")] = 500,
+) -> None:
+    """Bulk-load a data set into the store (idempotent: re-running adds nothing)."""
+    from graphstore.factory import Neo4jCredentials, create_store
+    from model.datasets import load_dataset
+    from server.importer import import_records
+
+    try:
+        settings = load_settings(config, store_uri=store)
+        records = load_dataset(dataset, data_path)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except (OSError, ValueError) as exc:
+        typer.echo(f"cannot read {dataset} from {data_path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    embeddings = _embed_queries(records)
+    creds = settings.store.neo4j
+    graph = create_store(
+        settings.store.uri,
+        embedding_dim=settings.embedding.dim,
+        neo4j=Neo4jCredentials(creds.user, creds.password.get_secret_value(), creds.database),
+    )
+
+    async def run() -> dict[str, Any]:
+        await graph.open()
+        try:
+            return await import_records(
+                graph, dataset, records, embeddings, seed=seed, batch_size=batch_size
+            )
+        finally:
+            await graph.close()
+
+    try:
+        result = asyncio.run(run())
+    except Exception as exc:
+        typer.echo(f"import failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"dataset": dataset, "store": settings.store.uri, **result}))
+
+
+def _embed_queries(records: Sequence[PreferenceRecord]) -> npt.NDArray[np.float32]:
+    """float32 ``[N, D]`` embeddings of the records' query texts (each distinct text once)."""
+    from model.data import embed_texts
+    from model.text_encoder import TextEncoder
+
+    texts = list(dict.fromkeys(r.query_text for r in records))
+    typer.echo(f"embedding {len(texts)} distinct queries of {len(records)} records …", err=True)
+    unique = embed_texts(TextEncoder(), texts)
+    row = {t: i for i, t in enumerate(texts)}
+    return unique[[row[r.query_text] for r in records]]
 
 
 def _fail_cleanly(fn: Callable[[], object]) -> None:

@@ -63,6 +63,13 @@ def replay_order(records: Sequence[PreferenceRecord], seed: int) -> list[Prefere
     return out
 
 
+def record_key(dataset: str, r: PreferenceRecord) -> str:
+    """Stable idempotency key of a record (the same in ``import`` and ``replay``)."""
+    return (
+        f"{dataset}:{r.user_id}:{r.session_id}:{r.turn_index}:{r.query_id}:{r.model_a}:{r.model_b}"
+    )
+
+
 def _bucket(n_before: int) -> int:
     """Index of the curve bucket for ``n_before`` earlier interactions."""
     b = 0
@@ -249,8 +256,7 @@ async def replay(
                     query_embedding=emb,
                     model=winner,
                     response=r.response_a if winner == r.model_a else r.response_b,
-                    idempotency_key=f"replay:{dataset}:{r.user_id}:{r.session_id}:"
-                    f"{r.turn_index}:{r.model_a}:{r.model_b}:{r.query_id}",
+                    idempotency_key=record_key(dataset, r),
                     comparison=pb.Comparison(
                         winner_model=winner, loser_model=loser, tie=r.outcome == "tie"
                     ),

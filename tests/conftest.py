@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gmtrouter.v1 import router_pb2_grpc
 
+pytest_plugins = ["tests.neo4j_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -19,7 +19,7 @@ from graphstore.interactions import Comparison, Interaction
 from graphstore.neo4j_store import Neo4jGraphStore
 
 if TYPE_CHECKING:
-    from tests.graphstore.conftest import Neo4jTarget
+    from tests.neo4j_fixtures import Neo4jTarget
 
 pytestmark = [pytest.mark.neo4j, pytest.mark.slow]
 

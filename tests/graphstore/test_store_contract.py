@@ -1,6 +1,6 @@
 """One contract suite for every ``GraphStore``: SQLite (in memory and on a file) and Neo4j.
 
-The Neo4j cases need a server (``tests/graphstore/conftest.py``); without one they skip (and
+The Neo4j cases need a server (``tests/neo4j_fixtures.py``); without one they skip (and
 fail under ``CI=true``). A cross-store test records the same interactions into SQLite and
 Neo4j and checks that both sample the same neighbourhoods; a few Neo4j-only checks follow
 (schema, ``FOLLOWS`` edges, codec, errors).
@@ -28,7 +28,7 @@ from graphstore.sqlite_store import SQLiteGraphStore
 from graphstore.store import GraphStore
 
 if TYPE_CHECKING:
-    from tests.graphstore.conftest import Neo4jTarget
+    from tests.neo4j_fixtures import Neo4jTarget
 
 DIM = 8
 
