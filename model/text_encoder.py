@@ -47,7 +47,11 @@ class TextEncoder:
         """Embedding dimension ``D`` (loads the model when it is not the default encoder)."""
         if self.name == DEFAULT_ENCODER_NAME and self._model is None:
             return DEFAULT_ENCODER_DIM
-        dim = self._load().get_sentence_embedding_dimension()
+        model = self._load()
+        getter = getattr(model, "get_embedding_dimension", None) or (
+            model.get_sentence_embedding_dimension
+        )
+        dim = getter()
         assert dim is not None
         return int(dim)
 
