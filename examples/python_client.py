@@ -1,7 +1,7 @@
 """Call a running gmtrouter from Python: Select, then RecordResponse with the user's verdict.
 
-    .venv/bin/gmtrouter serve &               # embedded store, 127.0.0.1:50051
-    .venv/bin/python examples/python_client.py [HOST:PORT]
+.venv/bin/gmtrouter serve &               # embedded store, 127.0.0.1:50051
+.venv/bin/python examples/python_client.py [HOST:PORT]
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def main(target: str = "127.0.0.1:50051") -> None:
                 user_id="alice",
                 session_id="chat-1",
                 query="Prove that the square root of 2 is irrational.",
-                candidate_models=[pb.CandidateModel(model="gpt-4"),
-                                  pb.CandidateModel(model="claude-3-opus")],
+                candidate_models=[
+                    pb.CandidateModel(model="gpt-4"),
+                    pb.CandidateModel(model="claude-3-opus"),
+                ],
             ),
             timeout=2.0,
         )

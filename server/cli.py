@@ -87,6 +87,10 @@ def train(
         bool, typer.Option(help="Reverse edges (off = official destination-only wiring).")
     ] = True,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    holdout_fraction: Annotated[
+        float, typer.Option(help="Leave this share of users out (a seeded user split).")
+    ] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the user split.")] = 0,
 ) -> None:
     """Train the GMTRouter network on a preference data set and write a checkpoint."""
     from model.cli_commands import train_command
@@ -162,6 +166,15 @@ def replay(
     plot: Annotated[Path | None, typer.Option("--plot", help="Learning-curve PNG.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the conversation order.")] = 0,
     limit: Annotated[int | None, typer.Option(help="Replay only this many comparisons.")] = None,
+    holdout_fraction: Annotated[
+        float,
+        typer.Option(
+            help="Replay only this share of users (a seeded user split, as `train "
+            "--holdout-fraction`); the other users' judgments are learned first, unscored. "
+            "0 = replay everyone from an empty store."
+        ),
+    ] = 0.0,
+    split_seed: Annotated[int, typer.Option(help="Seed of the user split.")] = 0,
 ) -> None:
     """Play a data set's judged comparisons through the real gRPC API; report online accuracy."""
     import tempfile
@@ -177,13 +190,15 @@ def replay(
     except (OSError, ValueError) as exc:
         typer.echo(f"cannot read {dataset} from {data_path}: {exc}", err=True)
         raise typer.Exit(2) from None
-    embeddings = _embed_queries(records)
-    kwargs: dict[str, Any] = {
-        "dataset": dataset,
-        "seed": seed,
-        "limit": limit,
-        "query_embeddings": embeddings,
-    }
+    kwargs: dict[str, Any] = {"dataset": dataset, "seed": seed, "limit": limit}
+    if holdout_fraction > 0:
+        from model.datasets.splits import holdout_users
+
+        held = holdout_users((r.user_id for r in records), holdout_fraction, split_seed)
+        kwargs["warm"] = [r for r in records if r.user_id not in held]
+        kwargs["warm_embeddings"] = _embed_queries(kwargs["warm"])
+        records = [r for r in records if r.user_id in held]
+    kwargs["query_embeddings"] = _embed_queries(records)
     if embedded:
         with tempfile.TemporaryDirectory(prefix="gmtrouter-replay-") as tmp:
             try:

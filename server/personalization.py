@@ -146,8 +146,10 @@ class NetworkScorer:
     def _encode_sync(
         self, nb: Neighbourhood, llm_names: list[str], llm_x: torch.Tensor, personalize: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Without personalization the seed user's own history is left out of the graph.
-        keep = np.arange(nb.num_turns) if personalize else np.flatnonzero(nb.turn_user != 0)
+        # The network was trained on per-user components: only the seed user's own turns go
+        # into the graph (other users' turns would mix their outcomes into the LLM nodes);
+        # without personalization (cold start) none do.
+        keep = np.flatnonzero(nb.turn_user == 0) if personalize else np.zeros(0, dtype=np.int64)
         remap = np.full(nb.num_turns, -1, dtype=np.int64)
         remap[keep] = np.arange(len(keep))
         prev = nb.turn_prev[keep]
@@ -155,10 +157,10 @@ class NetworkScorer:
         llm_pos = {m: i for i, m in enumerate(llm_names)}
         turn_llm = np.array([llm_pos[nb.llm_names[j]] for j in nb.turn_llm[keep]], dtype=np.int64)
         data = build_hetero_graph(
-            num_users=len(nb.user_ids),
+            num_users=1,
             query_x=torch.from_numpy(np.ascontiguousarray(nb.query_embedding)),
             llm_x=llm_x,
-            turn_user=torch.from_numpy(nb.turn_user[keep]),
+            turn_user=torch.zeros(len(keep), dtype=torch.long),
             turn_query=torch.from_numpy(nb.turn_query[keep]),
             turn_llm=torch.from_numpy(turn_llm),
             turn_outcome=torch.from_numpy(nb.turn_outcome[keep]),

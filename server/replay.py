@@ -115,17 +115,25 @@ class OnlineBradleyTerry:
         )
         return d_global, u.get(a, 0.0) - u.get(b, 0.0)
 
-    def update(self, user: str, a: str, b: str, outcome: str) -> None:
-        """Learn from one comparison (``outcome`` ∈ {"a", "b", "tie"})."""
-        wins = (
-            [(a, b, 1.0)]
-            if outcome == "a"
-            else [(b, a, 1.0)]
-            if outcome == "b"
-            else [(a, b, 0.5), (b, a, 0.5)]
-        )
+    def update(self, user: str, a: str, b: str, outcome: str, *, refit: bool = True) -> None:
+        """Learn from one comparison (``outcome`` ∈ {"a", "b", "tie"}).
+
+        Args:
+            refit: Refit the global strengths now (False when loading many at once).
+        """
+        if outcome == "a":
+            wins = [(a, b, 1.0)]
+        elif outcome == "b":
+            wins = [(b, a, 1.0)]
+        else:
+            wins = [(a, b, 0.5), (b, a, 0.5)]
         self.games += wins
         self.user_games[user] += wins
+        if refit:
+            self.refit()
+
+    def refit(self) -> None:
+        """Refit the global strengths on every comparison so far."""
         self.theta = fit_bradley_terry(
             self.games, prior_strength=self.prior_strength, max_iter=100, tol=1e-6
         )
@@ -177,8 +185,15 @@ async def replay(
     query_embeddings: npt.NDArray[np.float32] | None = None,
     progress: bool = True,
     deadline_s: float = 30.0,
+    warm: Sequence[PreferenceRecord] = (),
+    warm_embeddings: npt.NDArray[np.float32] | None = None,
+    send_warm: bool = True,
 ) -> dict[str, Any]:
     """Replay ``records`` against the service at ``target`` (``host:port``).
+
+    With ``warm`` records (other users' judgments, e.g. the users a checkpoint was trained
+    on), the service and the baselines first learn from those, unscored: the replay then
+    measures how the service treats *new* users of a service that has been running.
 
     Args:
         records: Canonical records; reordered by :func:`replay_order`.
@@ -189,6 +204,10 @@ async def replay(
         query_embeddings: float32 ``[N, D]`` aligned with ``records`` (None: embed here).
         progress: Show a tqdm progress bar.
         deadline_s: Deadline of each RPC, seconds.
+        warm: Records learned before the replay, not scored.
+        warm_embeddings: float32 ``[len(warm), D]`` (None: embed here).
+        send_warm: Record ``warm`` through ``RecordResponse`` (False when the caller already
+            imported them into the service's store).
 
     Returns:
         ``{"dataset", "seed", "n_records", "server_methods", "wall_s", "methods": {NAME:
@@ -209,9 +228,21 @@ async def replay(
     history: dict[tuple[str, str], list[str]] = defaultdict(list)
     methods: dict[str, int] = defaultdict(int)
     versions: set[str] = set()
+    for r in warm:
+        bt.update(r.user_id, r.model_a, r.model_b, r.outcome, refit=False)
+    bt.refit()
     start = time.perf_counter()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
+        if warm and send_warm:
+            if warm_embeddings is None:
+                warm_embeddings = embed_texts(TextEncoder(), [r.query_text for r in warm])
+            for r, e in zip(
+                tqdm(warm, desc="warm start", disable=not progress), warm_embeddings, strict=True
+            ):
+                await stub.RecordResponse(
+                    _record_request(dataset, r, [float(x) for x in e], ""), timeout=deadline_s
+                )
         for i, r in enumerate(tqdm(order, desc=f"replay {dataset}", disable=not progress)):
             emb = [float(x) for x in emb_of[id(r)]]
             key = (r.user_id, r.session_id)
@@ -245,23 +276,8 @@ async def replay(
             tallies["per_user_bt"].latencies_ms.append(spent)
             tallies["global_bt"].add(d_global, r.outcome, bucket)
             tallies["per_user_bt"].add(d_user, r.outcome, bucket)
-            winner, loser = (r.model_b, r.model_a) if r.outcome == "b" else (r.model_a, r.model_b)
             await stub.RecordResponse(
-                pb.RecordResponseRequest(
-                    interaction_id=sel.interaction_id,
-                    user_id=r.user_id,
-                    session_id=r.session_id,
-                    turn_index=r.turn_index,
-                    query=r.query_text,
-                    query_embedding=emb,
-                    model=winner,
-                    response=r.response_a if winner == r.model_a else r.response_b,
-                    idempotency_key=record_key(dataset, r),
-                    comparison=pb.Comparison(
-                        winner_model=winner, loser_model=loser, tie=r.outcome == "tie"
-                    ),
-                ),
-                timeout=deadline_s,
+                _record_request(dataset, r, emb, sel.interaction_id), timeout=deadline_s
             )
             bt.update(r.user_id, r.model_a, r.model_b, r.outcome)
             seen[r.user_id] += 1
@@ -270,6 +286,7 @@ async def replay(
         "dataset": dataset,
         "seed": seed,
         "n_records": len(order),
+        "n_warm_records": len(warm),
         "server_methods": dict(methods),
         "server_model_versions": sorted(versions)[:5],
         "wall_s": round(time.perf_counter() - start, 1),
@@ -277,10 +294,30 @@ async def replay(
     }
 
 
+def _record_request(
+    dataset: str, r: PreferenceRecord, emb: list[float], interaction_id: str
+) -> pb.RecordResponseRequest:
+    """The ``RecordResponse`` carrying a record's human outcome."""
+    winner, loser = (r.model_b, r.model_a) if r.outcome == "b" else (r.model_a, r.model_b)
+    return pb.RecordResponseRequest(
+        interaction_id=interaction_id,
+        user_id=r.user_id,
+        session_id=r.session_id,
+        turn_index=r.turn_index,
+        query=r.query_text,
+        query_embedding=emb,
+        model=winner,
+        response=r.response_a if winner == r.model_a else r.response_b,
+        idempotency_key=record_key(dataset, r),
+        comparison=pb.Comparison(winner_model=winner, loser_model=loser, tie=r.outcome == "tie"),
+    )
+
+
 def format_replay_table(result: dict[str, Any]) -> str:
     """A plain-text table of a :func:`replay` result."""
     lines = [
-        f"replay {result['dataset']}: {result['n_records']} comparisons, seed {result['seed']}, "
+        f"replay {result['dataset']}: {result['n_records']} comparisons "
+        f"(after {result['n_warm_records']} warm-start ones), seed {result['seed']}, "
         f"{result['wall_s']} s; server methods {result['server_methods']}",
         f"{'method':<14}{'online acc':>11}{'pairs':>8}{'p50 ms':>9}{'p99 ms':>9}",
     ]
@@ -352,9 +389,24 @@ async def replay_embedded(
     settings = settings.model_copy(
         update={"server": settings.server.model_copy(update={"host": "127.0.0.1", "port": 0})}
     )
+    from server.importer import import_records
+
     app = RouterServer(settings)
     port = await app.start(warm_up=False)
     try:
-        return await replay(records, f"127.0.0.1:{port}", **kwargs)
+        warm = kwargs.get("warm", ())
+        if warm:
+            emb = kwargs.get("warm_embeddings")
+            if emb is None:
+                emb = embed_texts(TextEncoder(), [r.query_text for r in warm])
+            await import_records(
+                app.store,
+                kwargs["dataset"],
+                warm,
+                emb,
+                seed=kwargs.get("seed", 0),
+                progress=kwargs.get("progress", True),
+            )
+        return await replay(records, f"127.0.0.1:{port}", send_warm=False, **kwargs)
     finally:
         await app.stop(grace_s=5)
