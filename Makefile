@@ -10,7 +10,8 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
 PROTO_SRC := protos/gmtrouter/v1/router.proto
 GO_OUT := protos/gen/go
 
-.PHONY: help install uv proto proto-check go-build lint typecheck check test demo serve \
+.PHONY: help install uv proto proto-check go-build go-test helm-check helm-schema lint typecheck \
+        check test demo serve \
         neo4j-install neo4j-start neo4j-stop neo4j-status clean
 
 help:
@@ -50,6 +51,15 @@ go-build:  ## compile the generated Go stubs (and every Go package of the module
 	go build ./...
 	go vet ./...
 
+go-test: install  ## Go client tests against the real service
+	go test -count=1 ./...
+
+helm-check:  ## lint, render and validate the Helm chart; hadolint the Dockerfile (tools in .tools/)
+	tools/helm-check.sh
+
+helm-schema: install  ## regenerate helm/gmtrouter/values.schema.json from server/config.py
+	$(PY) helm/gen-values-schema.py
+
 lint: install  ## ruff (lint + format check)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
@@ -57,7 +67,7 @@ lint: install  ## ruff (lint + format check)
 typecheck: install  ## mypy
 	.venv/bin/mypy
 
-check: lint typecheck proto-check go-build  ## every static check CI runs
+check: lint typecheck proto-check go-build helm-check  ## every static check CI runs
 
 test: install neo4j-install  ## the test suite, against a throw-away local Neo4j unless NEO4J_URI is set
 	tools/run-tests.sh

@@ -1,0 +1,124 @@
+{{/* Chart name. */}}
+{{- define "gmtrouter.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name (63 characters at most). */}}
+{{- define "gmtrouter.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gmtrouter.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gmtrouter.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gmtrouter.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gmtrouter.labels" -}}
+helm.sh/chart: {{ include "gmtrouter.chart" . }}
+{{ include "gmtrouter.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{- define "gmtrouter.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gmtrouter.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gmtrouter.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* The store URI the service will use (config.store.uri, or the bundled Neo4j). */}}
+{{- define "gmtrouter.storeUri" -}}
+{{- $uri := "" }}
+{{- with .Values.config.store }}{{ $uri = .uri | default "" }}{{ end }}
+{{- $embedded := not (regexMatch "^(neo4j|bolt)(\\+s|\\+ssc)?://" $uri) }}
+{{- if and .Values.neo4j.enabled $embedded }}
+{{- $uri = printf "neo4j://%s:7687" (required "neo4j.fullnameOverride names the bundled Neo4j Service and must be set" .Values.neo4j.fullnameOverride) }}
+{{- end }}
+{{- $uri }}
+{{- end }}
+
+{{/* "true" when the service runs on the embedded SQLite store. */}}
+{{- define "gmtrouter.embeddedStore" -}}
+{{- if regexMatch "^(neo4j|bolt)(\\+s|\\+ssc)?://" (include "gmtrouter.storeUri" .) }}false{{ else }}true{{ end }}
+{{- end }}
+
+{{/* Secret name and key of the Neo4j password, or "" when there is none. */}}
+{{- define "gmtrouter.neo4jSecretName" -}}
+{{- if .Values.neo4jAuth.existingSecret }}
+{{- .Values.neo4jAuth.existingSecret }}
+{{- else if .Values.neo4jAuth.password }}
+{{- printf "%s-neo4j" (include "gmtrouter.fullname" .) }}
+{{- else if .Values.neo4j.enabled }}
+{{- .Values.neo4j.neo4j.passwordFromSecret | default "" }}
+{{- end }}
+{{- end }}
+
+{{- define "gmtrouter.neo4jSecretKey" -}}
+{{- if .Values.neo4jAuth.existingSecret }}
+{{- .Values.neo4jAuth.existingSecretKey | default "NEO4J_PASSWORD" }}
+{{- else }}NEO4J_PASSWORD{{ end }}
+{{- end }}
+
+{{/* The configuration file: .Values.config with the chart-owned keys set. */}}
+{{- define "gmtrouter.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $server := get $cfg "server" | default dict }}
+{{- $_ := set $server "host" "0.0.0.0" }}
+{{- $_ = set $server "port" (int .Values.ports.grpc) }}
+{{- $_ = set $cfg "server" $server }}
+{{- $store := get $cfg "store" | default dict }}
+{{- $_ = set $store "uri" (include "gmtrouter.storeUri" .) }}
+{{- $_ = set $cfg "store" $store }}
+{{- if .Values.modelCheckpoint.enabled }}
+{{- $decision := get $cfg "decision" | default dict }}
+{{- $algo := get $decision "algorithm" | default dict }}
+{{- $gmt := get $algo "gmtrouter" | default dict }}
+{{- $_ = set $gmt "model_path" (printf "%s/%s" (trimSuffix "/" .Values.modelCheckpoint.mountPath) .Values.modelCheckpoint.fileName) }}
+{{- $_ = set $algo "gmtrouter" $gmt }}
+{{- $_ = set $decision "algorithm" $algo }}
+{{- $_ = set $cfg "decision" $decision }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}
+
+{{/* Refuse settings that cannot work. */}}
+{{- define "gmtrouter.validate" -}}
+{{- if eq (include "gmtrouter.embeddedStore" .) "true" }}
+{{- if or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}
+{{- fail "config.store.uri is the embedded SQLite store, which lives in one pod: keep replicaCount at 1 and autoscaling off, or set config.store.uri to neo4j://HOST:7687 (or neo4j.enabled=true) so that replicas share one store" }}
+{{- end }}
+{{- end }}
+{{- $gmt := dig "decision" "algorithm" "gmtrouter" dict (.Values.config | default dict) }}
+{{- $hidden := int ($gmt.hidden_dim | default 64) }}
+{{- $heads := int ($gmt.num_heads | default 4) }}
+{{- if and (gt $heads 0) (ne (mod $hidden $heads) 0) }}
+{{- fail (printf "config.decision.algorithm.gmtrouter.hidden_dim (%d) must be divisible by num_heads (%d)" $hidden $heads) }}
+{{- end }}
+{{- if and .Values.modelCheckpoint.enabled (not .Values.modelCheckpoint.fileName) }}
+{{- fail "modelCheckpoint.fileName must name the checkpoint file" }}
+{{- end }}
+{{- end }}
