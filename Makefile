@@ -72,8 +72,17 @@ check: lint typecheck proto-check go-build helm-check  ## every static check CI 
 test: install neo4j-install  ## the test suite, against a throw-away local Neo4j unless NEO4J_URI is set
 	tools/run-tests.sh
 
-demo: install  ## run the service on the embedded store and drive it with a real client
-	$(PY) -m server.demo
+DEMO_DIR := out/demo
+DEMO_SPLIT := --holdout-fraction 0.5 --split-seed 0
+
+$(DEMO_DIR)/gmtrouter-llmfao.pt: | install
+	.venv/bin/gmtrouter train --dataset llmfao --data-path examples/data/llmfao $(DEMO_SPLIT) \
+	  --out $@
+
+demo: install $(DEMO_DIR)/gmtrouter-llmfao.pt  ## train on half the bundled LLMFAO workers, replay the other half through the live API
+	.venv/bin/gmtrouter replay --dataset llmfao --data-path examples/data/llmfao --embedded \
+	  --config examples/demo.yaml $(DEMO_SPLIT) \
+	  --json $(DEMO_DIR)/replay-llmfao.json --plot $(DEMO_DIR)/replay-llmfao.png
 
 serve: install  ## gmtrouter serve on the embedded store
 	.venv/bin/gmtrouter serve

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,9 @@ class ServerProcess:
         workdir: Folder for the config file and the log.
     """
 
-    def __init__(self, workdir: Path, store: str, config: dict[str, object] | None = None):
+    def __init__(
+        self, workdir: Path, store: str, config: Mapping[str, object] | None = None
+    ) -> None:
         self.workdir = workdir
         self.store = store
         self.config = dict(config or {})
