@@ -72,7 +72,7 @@ from graphstore.neighbourhood import (
     assemble_neighbourhood,
     link_previous_turns,
 )
-from graphstore.store import GraphStore
+from graphstore.store import EMPTY_PAIR_GAMES, GraphStore, pair_deltas
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,51 @@ RETURN COUNT { (:User) } AS user,
        COUNT { (:Query) } AS query,
        COUNT { (:Response) } AS response,
        COUNT { (:Turn) } AS turn
+"""
+
+# delete_user, in one write transaction: lock the user node (a concurrent record of the same
+# user waits), read the user's comparisons, subtract them from the pair counts, then delete
+# responses, turns (with their FOLLOWS edges), queries and the user node.
+_LOCK_USER = """
+MATCH (u:User {user_id: $user_id})
+SET u.version = u.version
+"""
+
+_USER_COMPARISONS = """
+MATCH (q:Query {user_id: $user_id})
+WHERE q.winner_model IS NOT NULL AND q.loser_model IS NOT NULL
+RETURN q.winner_model AS winner, q.loser_model AS loser, coalesce(q.tie, false) AS tie
+"""
+
+_SUB_PAIR_COUNTS = """
+UNWIND $pairs AS pair
+MATCH (p:PairCount {model_a: pair.model_a, model_b: pair.model_b})
+SET p.wins_a = p.wins_a - pair.wins_a, p.wins_b = p.wins_b - pair.wins_b
+WITH p
+WHERE p.wins_a <= $empty AND p.wins_b <= $empty
+DETACH DELETE p
+"""
+
+_DELETE_USER = """
+CALL () {
+  MATCH (q:Query {user_id: $user_id})-[:RECEIVED]->(r:Response)
+  DETACH DELETE r
+}
+CALL () {
+  MATCH (t:Turn)
+  WHERE t.user_id = $user_id
+  DETACH DELETE t
+}
+CALL () {
+  MATCH (q:Query {user_id: $user_id})
+  DETACH DELETE q
+  RETURN count(*) AS deleted
+}
+CALL () {
+  OPTIONAL MATCH (u:User {user_id: $user_id})
+  DETACH DELETE u
+}
+RETURN deleted
 """
 
 _Pending = tuple[list[Interaction], asyncio.Future[list[RecordResult]]]
@@ -620,6 +665,32 @@ class Neo4jGraphStore(GraphStore):
         ]
         if links:
             await (await tx.run(_ADD_FOLLOWS, links=links)).consume()
+
+    async def delete_user(self, user_id: str) -> int:
+        """See :meth:`GraphStore.delete_user`. One write transaction (atomic)."""
+
+        async def work(tx: AsyncManagedTransaction) -> int:
+            await (await tx.run(_LOCK_USER, user_id=user_id)).consume()
+            result = await tx.run(_USER_COMPARISONS, user_id=user_id)
+            comparisons = [(r["winner"], r["loser"], bool(r["tie"])) async for r in result]
+            pairs = [
+                {"model_a": p.model_a, "model_b": p.model_b, "wins_a": p.wins_a, "wins_b": p.wins_b}
+                for p in pair_deltas(comparisons)
+            ]
+            if pairs:
+                await (
+                    await tx.run(_SUB_PAIR_COUNTS, pairs=pairs, empty=EMPTY_PAIR_GAMES)
+                ).consume()
+            rec = await (await tx.run(_DELETE_USER, user_id=user_id)).single(strict=True)
+            return int(rec["deleted"])
+
+        try:
+            async with self._session() as session:
+                deleted: int = await session.execute_write(work)
+        except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+            raise self._unavailable(exc, "delete_user") from exc
+        self.write_transactions += 1
+        return deleted
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 from graphstore.errors import StoreUnavailableError
 from graphstore.interactions import Interaction, PairCount, RecordResult, check_interaction
 from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood
-from graphstore.store import GraphStore
+from graphstore.store import EMPTY_PAIR_GAMES, GraphStore, pair_deltas
 
 T = TypeVar("T")
 
@@ -267,6 +267,53 @@ class SQLiteGraphStore(GraphStore):
                 (a, b, wa, wb),
             )
         return RecordResult(it.interaction_id, duplicate=False)
+
+    async def delete_user(self, user_id: str) -> int:
+        """See :meth:`GraphStore.delete_user`. Runs after any pending group commit."""
+        if self._flush_task is not None and not self._flush_task.done():
+            await asyncio.shield(self._flush_task)
+        try:
+            return await self._run(lambda: self._delete_user_sync(user_id))
+        except StoreUnavailableError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"SQLite delete_user failed: {exc}") from exc
+
+    def _delete_user_sync(self, user_id: str) -> int:
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT winner_model, loser_model, tie FROM interactions "
+                "WHERE user_id = ? AND winner_model IS NOT NULL AND loser_model IS NOT NULL",
+                (user_id,),
+            ).fetchall()
+            for p in pair_deltas((w, lo, bool(t)) for w, lo, t in rows):
+                conn.execute(
+                    "UPDATE pair_counts SET wins_a = wins_a - ?, wins_b = wins_b - ? "
+                    "WHERE model_a = ? AND model_b = ?",
+                    (p.wins_a, p.wins_b, p.model_a, p.model_b),
+                )
+            conn.execute(
+                "DELETE FROM pair_counts WHERE wins_a <= ? AND wins_b <= ?",
+                (EMPTY_PAIR_GAMES, EMPTY_PAIR_GAMES),
+            )
+            conn.execute(
+                "DELETE FROM turns WHERE interaction_id IN "
+                "(SELECT interaction_id FROM interactions WHERE user_id = ?)",
+                (user_id,),
+            )
+            conn.execute("DELETE FROM turns WHERE user_id = ?", (user_id,))
+            deleted = conn.execute(
+                "DELETE FROM interactions WHERE user_id = ?", (user_id,)
+            ).rowcount
+            conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return int(deleted)
 
     # -- reads -------------------------------------------------------------------------------
 

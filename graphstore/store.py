@@ -10,10 +10,38 @@ one store.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from graphstore.interactions import Interaction, PairCount, RecordResult
 from graphstore.neighbourhood import Neighbourhood
+
+#: A pair count at or below this many games (on both sides) is removed by ``delete_user``.
+EMPTY_PAIR_GAMES = 1e-9
+
+
+def pair_deltas(comparisons: Iterable[tuple[str, str, bool]]) -> list[PairCount]:
+    """Win counts that ``(winner_model, loser_model, tie)`` comparisons added, per model pair.
+
+    The same rule as recording: ``model_a < model_b``; a win adds 1 to the winner's side, a
+    tie 0.5 to each side; a comparison of a model with itself adds nothing.
+
+    Returns:
+        One :class:`PairCount` per pair, sorted by names.
+    """
+    acc: dict[tuple[str, str], list[float]] = {}
+    for winner, loser, tie in comparisons:
+        if winner == loser:
+            continue
+        a, b = sorted((winner, loser))
+        cell = acc.setdefault((a, b), [0.0, 0.0])
+        if tie:
+            cell[0] += 0.5
+            cell[1] += 0.5
+        elif winner == a:
+            cell[0] += 1.0
+        else:
+            cell[1] += 1.0
+    return [PairCount(a, b, w[0], w[1]) for (a, b), w in sorted(acc.items())]
 
 
 class GraphStore(abc.ABC):
@@ -93,4 +121,22 @@ class GraphStore(abc.ABC):
 
         Returns:
             ``{"user", "llm", "query", "response", "turn", "interaction"}`` → count.
+        """
+
+    @abc.abstractmethod
+    async def delete_user(self, user_id: str) -> int:
+        """Erase the user and everything recorded for them, in one transaction.
+
+        Removes the user node, every interaction of the user with its query, turn and
+        response nodes (and so its idempotency key: the same key may be recorded again), and
+        subtracts the user's comparisons from the pair counts (a pair left with no games is
+        removed), so the Bradley–Terry prior forgets them. LLM nodes are shared and stay.
+        Afterwards :meth:`user_version` is 0 and :meth:`neighbourhood` is empty for the user.
+        Idempotent: an unknown user deletes nothing.
+
+        Returns:
+            The number of interactions deleted (0 for an unknown user).
+
+        Raises:
+            StoreUnavailableError: the database failed; nothing was deleted.
         """

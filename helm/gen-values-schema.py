@@ -93,6 +93,13 @@ def chart_schema() -> dict[str, Any]:
                 }
             ),
             "config": {"$ref": "#/$defs/Settings"},
+            "tls": obj({"enabled": BOOL, "existingSecret": STR, "requireClientAuth": BOOL}),
+            "auth": obj(
+                {
+                    "existingSecret": STR,
+                    "existingSecretKey": {"type": "string", "pattern": "^[-._a-zA-Z0-9]+$"},
+                }
+            ),
             "neo4jAuth": obj(
                 {
                     "existingSecret": STR,

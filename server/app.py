@@ -3,15 +3,21 @@
 Lifecycle (engineering notes, "gRPC facts"): health starts NOT_SERVING, becomes SERVING once
 the store is open and the models are loaded and warm; on SIGTERM/SIGINT it goes NOT_SERVING,
 in-flight calls get ``server.grace_period_s`` to finish, then the store is flushed and closed.
+
+Interceptors, outermost first: access log + metrics (sees every outcome, rejections
+included), bearer-token authentication (``server/security.py``, when tokens are configured),
+load shedding (``server.max_inflight``). TLS/mTLS comes from ``server.tls``; Prometheus
+metrics are served on ``server.metrics_port`` (``server/metrics.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -26,8 +32,10 @@ from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
 from server.config import Settings
+from server.metrics import InstrumentedStore, Metrics
 from server.routing import RoutingService
 from server.scoring import PriorScorer, Scorer
+from server.security import BearerAuth, load_tokens, server_credentials
 from server.servicer import RouterServicer
 
 log = structlog.get_logger(__name__)
@@ -36,7 +44,14 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 class _AccessLog(grpc.aio.ServerInterceptor):
-    """One log line per RPC: method, user id, latency in ms, status code."""
+    """One log line per RPC (method, user id, latency in ms, status code) and its metrics.
+
+    Args:
+        metrics: Where RPC counts, latencies, in-flight gauges and Select decisions go.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self,
@@ -47,17 +62,28 @@ class _AccessLog(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith("/grpc."):
             return handler
+        name = method.rsplit("/", 1)[-1]
+        metrics = self.metrics
+
+        def _begin() -> float:
+            if metrics is not None:
+                metrics.rpc_in_flight.labels(name).inc()
+            return time.perf_counter()
 
         def _done(
             request: Any, context: grpc.aio.ServicerContext, start: float, status: str
         ) -> None:
+            elapsed = time.perf_counter() - start
+            if metrics is not None:
+                metrics.rpc_in_flight.labels(name).dec()
+                metrics.observe_rpc(name, status, elapsed)
             user = getattr(request, "user_id", None) or ",".join(getattr(request, "user_ids", []))
             log.info(
                 "rpc",
-                method=method.rsplit("/", 1)[-1],
+                method=name,
                 user_id=user,
                 request_id=getattr(request, "request_id", "") or None,
-                latency_ms=round((time.perf_counter() - start) * 1e3, 3),
+                latency_ms=round(elapsed * 1e3, 3),
                 status=status,
             )
 
@@ -73,10 +99,13 @@ class _AccessLog(grpc.aio.ServerInterceptor):
             inner_uu: Any = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
+                start = _begin()
                 exc: BaseException | None = None
                 try:
-                    return await inner_uu(request, context)
+                    response = await inner_uu(request, context)
+                    if metrics is not None:
+                        metrics.observe_response(name, response)
+                    return response
                 except BaseException as e:
                     exc = e
                     raise
@@ -92,7 +121,7 @@ class _AccessLog(grpc.aio.ServerInterceptor):
             inner_us: Any = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = time.perf_counter()
+                start = _begin()
                 exc: BaseException | None = None
                 try:
                     async for item in inner_us(request, context):
@@ -109,6 +138,57 @@ class _AccessLog(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _LoadShed(grpc.aio.ServerInterceptor):
+    """Bound the unary RouterService RPCs handled at once; beyond it, RESOURCE_EXHAUSTED.
+
+    Streams (long-lived by design) and health/reflection calls are not counted. The check
+    runs on the event loop before any work is queued (no await between check and count), so
+    a rejection is cheap and exact; the caller may retry elsewhere or later.
+
+    Args:
+        max_inflight: The bound (>= 1).
+    """
+
+    def __init__(self, max_inflight: int) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight (got {max_inflight}) must be >= 1")
+        self.max_inflight = max_inflight
+        self.in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or handler_call_details.method.startswith("/grpc.")
+        ):
+            return handler
+        inner: Any = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.in_flight >= self.max_inflight:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self.in_flight} calls in flight (server.max_inflight "
+                    f"{self.max_inflight}); retry with backoff",
+                )
+            self.in_flight += 1
+            try:
+                return await inner(request, context)
+            finally:
+                self.in_flight -= 1
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def build_scorer(
@@ -138,10 +218,19 @@ class RouterServer:
         settings: The validated configuration (``server.port`` 0 picks a free port).
         store: Optional already-created store (tests); by default one is made from
             ``store.uri``.
+        environ: Environment for secrets (``GMTROUTER_AUTH_TOKENS``); ``os.environ`` by
+            default.
     """
 
-    def __init__(self, settings: Settings, store: GraphStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: GraphStore | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.settings = settings
+        self.environ = os.environ if environ is None else environ
         creds = settings.store.neo4j
         self.store = store or create_store(
             settings.store.uri,
@@ -153,9 +242,12 @@ class RouterServer:
         )
         self.encoder = TextEncoder(settings.embedding.model, settings.embedding.device)
         self.health = HealthServicer()
+        self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
         self.service: RoutingService | None = None
         self.port = 0
+        #: Bound port of the /metrics endpoint (0 when off or not bound).
+        self.metrics_port = 0
 
     async def start(self, *, warm_up: bool = True) -> int:
         """Open the store, load models, bind the port and report SERVING.
@@ -168,18 +260,28 @@ class RouterServer:
 
         Raises:
             RuntimeError: the port cannot be bound.
+            server.security.SecurityConfigError: a TLS file or the token list is unusable.
             graphstore.errors.StoreUnavailableError: the store cannot be opened.
         """
         torch.set_num_threads(1)
-        self.server = grpc.aio.server(interceptors=[_AccessLog()])
+        cfg = self.settings.server
+        credentials = server_credentials(cfg.tls)
+        tokens = load_tokens(cfg.auth, self.environ)
+        interceptors: list[grpc.aio.ServerInterceptor] = [_AccessLog(self.metrics)]
+        if tokens.enabled:
+            interceptors.append(BearerAuth(tokens))
+            if credentials is None:
+                log.warning("bearer tokens over plaintext gRPC: configure server.tls")
+        if cfg.max_inflight:
+            interceptors.append(_LoadShed(cfg.max_inflight))
+        self.server = grpc.aio.server(interceptors=interceptors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.store.open()
-        scorer = build_scorer(self.settings, self.store, self.encoder, self.executor)
-        self.service = RoutingService(
-            self.settings, self.store, scorer, self.encoder, self.executor
-        )
+        store = InstrumentedStore(self.store, self.metrics)
+        scorer = build_scorer(self.settings, store, self.encoder, self.executor)
+        self.service = RoutingService(self.settings, store, scorer, self.encoder, self.executor)
         router_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(self.service), self.server
         )
@@ -191,10 +293,24 @@ class RouterServer:
             ),
             self.server,
         )
-        address = f"{self.settings.server.host}:{self.settings.server.port}"
-        self.port = self.server.add_insecure_port(address)
+        address = f"{cfg.host}:{cfg.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot bind the gRPC port at {address}")
+        if cfg.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                # Metrics are auxiliary: a clash (e.g. two servers on one host) must not stop
+                # routing. Prometheus shows the target as down.
+                log.error(
+                    "metrics endpoint not started",
+                    address=f"{cfg.host}:{cfg.metrics_port}",
+                    error=str(exc),
+                )
         if warm_up:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.executor, self.encoder.warm_up)
@@ -206,10 +322,15 @@ class RouterServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
-            address=f"{self.settings.server.host}:{self.port}",
+            address=f"{cfg.host}:{self.port}",
             store=_redact(self.settings.store.uri),
             scorer=type(scorer).__name__,
+            tls=("mtls" if cfg.tls.require_client_auth else "tls") if credentials else "off",
+            auth_tokens=len(tokens),
+            metrics_port=self.metrics_port or None,
+            max_inflight=cfg.max_inflight or None,
         )
+        self.metrics.set_model_version(getattr(scorer, "model_version", "unknown"))
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -219,6 +340,7 @@ class RouterServer:
         if self.server is not None:
             await self.server.stop(grace)
         await self.store.close()
+        self.metrics.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         log.info("stopped")
 

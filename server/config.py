@@ -4,7 +4,8 @@ The ``decision`` and ``models`` sections use exactly the seed's keys
 (``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
 ``store``, ``sampler``, ``embedding``, ``logging``, ``limits`` and ``streaming`` are ours.
 Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
-override ``store.neo4j.*``.
+override ``store.neo4j.*``; bearer tokens come from ``server.auth.tokens_file`` or env
+``GMTROUTER_AUTH_TOKENS`` (``server/security.py``), never from this file.
 """
 
 from __future__ import annotations
@@ -72,6 +73,53 @@ class ModelEntry(_Section):
     )
 
 
+class TLSSettings(_Section):
+    """``server.tls`` — TLS (and mutual TLS) for the gRPC port; off when ``cert_file`` is unset.
+
+    PEM files, read once at start-up (restart to rotate certificates).
+    """
+
+    cert_file: str | None = Field(
+        None, description="PEM server certificate chain; setting it turns TLS on."
+    )
+    key_file: str | None = Field(None, description="PEM private key of the server certificate.")
+    client_ca_file: str | None = Field(
+        None, description="PEM CA bundle that verifies client certificates (mutual TLS)."
+    )
+    require_client_auth: bool = Field(
+        False, description="Refuse clients without a certificate signed by client_ca_file."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when TLS is configured."""
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file (TLS) as well")
+        if self.require_client_auth and self.client_ca_file is None:
+            raise ValueError("require_client_auth needs client_ca_file")
+        return self
+
+
+class AuthSettings(_Section):
+    """``server.auth`` — bearer-token authentication; on when any token is configured.
+
+    Tokens come from ``tokens_file`` and from env ``GMTROUTER_AUTH_TOKENS`` (comma-separated);
+    never from this file itself. Health checks and reflection stay open.
+    """
+
+    tokens_file: str | None = Field(
+        None,
+        description="File with one token per line (optionally followed by scopes, e.g. "
+        "'TOKEN route,admin'); '#' starts a comment.",
+    )
+
+
 class ServerSettings(_Section):
     """``server`` — the gRPC listener."""
 
@@ -83,6 +131,20 @@ class ServerSettings(_Section):
     max_workers: int = Field(
         1, ge=1, le=8, description="Threads for torch work (inference, embedding)."
     )
+    metrics_port: int = Field(
+        9090,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics HTTP port on server.host (0 = no metrics endpoint).",
+    )
+    max_inflight: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Unary RPCs handled at once; more get RESOURCE_EXHAUSTED (0 = no bound).",
+    )
+    tls: TLSSettings = TLSSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 class Neo4jSettings(_Section):

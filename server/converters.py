@@ -102,3 +102,8 @@ def ranking_to_proto(r: Ranking) -> pb.PreferenceUpdate:
         updated_at=ts,
         method=r.method,
     )
+
+
+def deleted_to_proto(deleted_interactions: int) -> pb.DeleteUserResponse:
+    """Number of deleted interactions → ``DeleteUserResponse``."""
+    return pb.DeleteUserResponse(deleted_interactions=deleted_interactions)

@@ -211,6 +211,31 @@ class RoutingService:
             self._notify(rec.user_id)
         return Recorded(result.interaction_id, result.duplicate)
 
+    # -- DeleteUser ----------------------------------------------------------------------------
+
+    async def delete_user(self, user_id: str) -> int:
+        """Erase the user from the store and from this process's caches.
+
+        Removes the user's interactions, turns, responses, idempotency keys and pair-count
+        contributions (:meth:`GraphStore.delete_user`), drops the scorer's cached state for
+        the user, and wakes the user's open preference streams, which then send the reset
+        ranking (version 0). Other replicas notice the version change within
+        ``streaming.poll_interval_s`` (streams) or at their next cache check.
+
+        Returns:
+            The number of interactions deleted (0 for an unknown user).
+
+        Raises:
+            InvalidRequestError: empty or invalid ``user_id``.
+            StoreUnavailableError: the store failed; nothing was deleted.
+        """
+        self._check_user(user_id)
+        deleted = await self.store.delete_user(user_id)
+        self.scorer.invalidate(user_id)
+        self._notify(user_id)
+        log.info("user deleted", user_id=user_id, deleted_interactions=deleted)
+        return deleted
+
     # -- StreamPreferences -------------------------------------------------------------------
 
     def _notify(self, user_id: str) -> None:
@@ -264,7 +289,8 @@ class RoutingService:
                         continue
                     self.scorer.invalidate(u)
                     current = await self.ranking(u, names)
-                    changed = current.order != last[u].order
+                    # A lower version means the user was deleted (DeleteUser): always tell.
+                    changed = current.order != last[u].order or current.version < last[u].version
                     last[u] = current
                     if changed:
                         yield current

@@ -45,6 +45,16 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
             raise
         return converters.recorded_to_proto(rec)
 
+    async def DeleteUser(  # noqa: N802
+        self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteUserResponse:
+        try:
+            deleted = await self.service.delete_user(request.user_id)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+        return converters.deleted_to_proto(deleted)
+
     async def StreamPreferences(  # noqa: N802
         self, request: pb.StreamPreferencesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PreferenceUpdate]:

@@ -24,6 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def _merge(base: Mapping[str, object], over: Mapping[str, object]) -> dict[str, object]:
+    """``over`` merged into ``base``, nested mappings key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        b = out.get(k)
+        out[k] = _merge(b, v) if isinstance(b, Mapping) and isinstance(v, Mapping) else v
+    return out
+
+
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -56,7 +65,11 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 180.0) -> ServerProcess:
         cfg = self.workdir / f"config-{self.port}.yaml"
-        cfg.write_text(yaml.safe_dump({"logging": {"format": "json"}, **self.config}))
+        defaults: dict[str, object] = {
+            "logging": {"format": "json"},
+            "server": {"metrics_port": 0},  # tests run several servers at once
+        }
+        cfg.write_text(yaml.safe_dump(_merge(defaults, self.config)))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(

@@ -67,7 +67,7 @@ def test_health_and_reflection(channel: grpc.Channel) -> None:
     method_names = {
         m.name for m in db.FindFileContainingSymbol("gmtrouter.v1.RouterService").service[0].method
     }
-    assert method_names == {"Select", "RecordResponse", "StreamPreferences"}
+    assert method_names == {"Select", "RecordResponse", "StreamPreferences", "DeleteUser"}
 
 
 def test_select_with_text_query(stub: router_pb2_grpc.RouterServiceStub) -> None:

@@ -89,6 +89,18 @@ app.kubernetes.io/component: router
 {{- $server := get $cfg "server" | default dict }}
 {{- $_ := set $server "host" "0.0.0.0" }}
 {{- $_ = set $server "port" (int .Values.ports.grpc) }}
+{{- $_ = set $server "metrics_port" (int .Values.ports.metrics) }}
+{{- if .Values.tls.enabled }}
+{{- $tls := dict "cert_file" "/etc/gmtrouter/tls/tls.crt" "key_file" "/etc/gmtrouter/tls/tls.key" }}
+{{- if .Values.tls.requireClientAuth }}
+{{- $_ = set $tls "client_ca_file" "/etc/gmtrouter/tls/ca.crt" }}
+{{- $_ = set $tls "require_client_auth" true }}
+{{- end }}
+{{- $_ = set $server "tls" $tls }}
+{{- end }}
+{{- if .Values.auth.existingSecret }}
+{{- $_ = set $server "auth" (dict "tokens_file" (printf "/etc/gmtrouter/auth/%s" .Values.auth.existingSecretKey)) }}
+{{- end }}
 {{- $_ = set $cfg "server" $server }}
 {{- $store := get $cfg "store" | default dict }}
 {{- $_ = set $store "uri" (include "gmtrouter.storeUri" .) }}
@@ -117,6 +129,12 @@ app.kubernetes.io/component: router
 {{- $heads := int ($gmt.num_heads | default 4) }}
 {{- if and (gt $heads 0) (ne (mod $hidden $heads) 0) }}
 {{- fail (printf "config.decision.algorithm.gmtrouter.hidden_dim (%d) must be divisible by num_heads (%d)" $hidden $heads) }}
+{{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
+{{- fail "tls.enabled needs tls.existingSecret: a Secret with tls.crt and tls.key (and ca.crt for requireClientAuth)" }}
+{{- end }}
+{{- if and .Values.tls.requireClientAuth (not .Values.tls.enabled) }}
+{{- fail "tls.requireClientAuth needs tls.enabled" }}
 {{- end }}
 {{- if and .Values.modelCheckpoint.enabled (not .Values.modelCheckpoint.fileName) }}
 {{- fail "modelCheckpoint.fileName must name the checkpoint file" }}

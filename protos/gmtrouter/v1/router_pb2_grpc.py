@@ -51,6 +51,11 @@ class RouterServiceStub:
                 request_serializer=gmtrouter_dot_v1_dot_router__pb2.StreamPreferencesRequest.SerializeToString,
                 response_deserializer=gmtrouter_dot_v1_dot_router__pb2.PreferenceUpdate.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/gmtrouter.v1.RouterService/DeleteUser',
+                request_serializer=gmtrouter_dot_v1_dot_router__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=gmtrouter_dot_v1_dot_router__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -85,6 +90,19 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """DeleteUser erases everything stored about one user (right to erasure): the user node,
+        every interaction (queries, turns, responses, feedback), their idempotency keys, the
+        user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+        replica's cached state for the user. Open StreamPreferences streams for the user receive
+        the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+        deleted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +120,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.StreamPreferences,
                     request_deserializer=gmtrouter_dot_v1_dot_router__pb2.StreamPreferencesRequest.FromString,
                     response_serializer=gmtrouter_dot_v1_dot_router__pb2.PreferenceUpdate.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=gmtrouter_dot_v1_dot_router__pb2.DeleteUserRequest.FromString,
+                    response_serializer=gmtrouter_dot_v1_dot_router__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +210,33 @@ class RouterService:
             '/gmtrouter.v1.RouterService/StreamPreferences',
             gmtrouter_dot_v1_dot_router__pb2.StreamPreferencesRequest.SerializeToString,
             gmtrouter_dot_v1_dot_router__pb2.PreferenceUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gmtrouter.v1.RouterService/DeleteUser',
+            gmtrouter_dot_v1_dot_router__pb2.DeleteUserRequest.SerializeToString,
+            gmtrouter_dot_v1_dot_router__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,15 @@ class RouterServiceStub:
     """StreamPreferences sends first the current ranking of each requested user, then one
     update whenever that user's ranking of the candidate models changes.
     """
+    DeleteUser: _grpc.UnaryUnaryMultiCallable[_router_pb2.DeleteUserRequest, _router_pb2.DeleteUserResponse]
+    """DeleteUser erases everything stored about one user (right to erasure): the user node,
+    every interaction (queries, turns, responses, feedback), their idempotency keys, the
+    user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+    replica's cached state for the user. Open StreamPreferences streams for the user receive
+    the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+    deleted).
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -79,6 +88,15 @@ class RouterServiceAsyncStub(RouterServiceStub):
     StreamPreferences: _aio.UnaryStreamMultiCallable[_router_pb2.StreamPreferencesRequest, _router_pb2.PreferenceUpdate]  # type: ignore[assignment]
     """StreamPreferences sends first the current ranking of each requested user, then one
     update whenever that user's ranking of the candidate models changes.
+    """
+    DeleteUser: _aio.UnaryUnaryMultiCallable[_router_pb2.DeleteUserRequest, _router_pb2.DeleteUserResponse]  # type: ignore[assignment]
+    """DeleteUser erases everything stored about one user (right to erasure): the user node,
+    every interaction (queries, turns, responses, feedback), their idempotency keys, the
+    user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+    replica's cached state for the user. Open StreamPreferences streams for the user receive
+    the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+    deleted).
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -117,6 +135,21 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_router_pb2.PreferenceUpdate], _abc.AsyncIterator[_router_pb2.PreferenceUpdate]]:
         """StreamPreferences sends first the current ranking of each requested user, then one
         update whenever that user's ranking of the candidate models changes.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteUser(
+        self,
+        request: _router_pb2.DeleteUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.DeleteUserResponse, _abc.Awaitable[_router_pb2.DeleteUserResponse]]:
+        """DeleteUser erases everything stored about one user (right to erasure): the user node,
+        every interaction (queries, turns, responses, feedback), their idempotency keys, the
+        user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+        replica's cached state for the user. Open StreamPreferences streams for the user receive
+        the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+        deleted).
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -839,6 +839,96 @@ func (x *PreferenceUpdate) GetMethod() string {
 	return ""
 }
 
+type DeleteUserRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The user to erase. Required.
+	UserId        string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteUserRequest) Reset() {
+	*x = DeleteUserRequest{}
+	mi := &file_gmtrouter_v1_router_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteUserRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteUserRequest) ProtoMessage() {}
+
+func (x *DeleteUserRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_gmtrouter_v1_router_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteUserRequest.ProtoReflect.Descriptor instead.
+func (*DeleteUserRequest) Descriptor() ([]byte, []int) {
+	return file_gmtrouter_v1_router_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *DeleteUserRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+type DeleteUserResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Number of interactions (RecordResponse calls) that were deleted; 0 for an unknown user.
+	DeletedInteractions uint64 `protobuf:"varint,1,opt,name=deleted_interactions,json=deletedInteractions,proto3" json:"deleted_interactions,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *DeleteUserResponse) Reset() {
+	*x = DeleteUserResponse{}
+	mi := &file_gmtrouter_v1_router_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteUserResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteUserResponse) ProtoMessage() {}
+
+func (x *DeleteUserResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_gmtrouter_v1_router_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteUserResponse.ProtoReflect.Descriptor instead.
+func (*DeleteUserResponse) Descriptor() ([]byte, []int) {
+	return file_gmtrouter_v1_router_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *DeleteUserResponse) GetDeletedInteractions() uint64 {
+	if x != nil {
+		return x.DeletedInteractions
+	}
+	return 0
+}
+
 var File_gmtrouter_v1_router_proto protoreflect.FileDescriptor
 
 const file_gmtrouter_v1_router_proto_rawDesc = "" +
@@ -918,11 +1008,17 @@ const file_gmtrouter_v1_router_proto_rawDesc = "" +
 	"\aversion\x18\x03 \x01(\x04R\aversion\x129\n" +
 	"\n" +
 	"updated_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x16\n" +
-	"\x06method\x18\x05 \x01(\tR\x06method2\x90\x02\n" +
+	"\x06method\x18\x05 \x01(\tR\x06method\",\n" +
+	"\x11DeleteUserRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\"G\n" +
+	"\x12DeleteUserResponse\x121\n" +
+	"\x14deleted_interactions\x18\x01 \x01(\x04R\x13deletedInteractions2\xe1\x02\n" +
 	"\rRouterService\x12C\n" +
 	"\x06Select\x12\x1b.gmtrouter.v1.SelectRequest\x1a\x1c.gmtrouter.v1.SelectResponse\x12[\n" +
 	"\x0eRecordResponse\x12#.gmtrouter.v1.RecordResponseRequest\x1a$.gmtrouter.v1.RecordResponseResponse\x12]\n" +
-	"\x11StreamPreferences\x12&.gmtrouter.v1.StreamPreferencesRequest\x1a\x1e.gmtrouter.v1.PreferenceUpdate0\x01BDZBgithub.com/gmtrouter/gmtrouter/protos/gen/go/gmtrouter/v1;routerv1b\x06proto3"
+	"\x11StreamPreferences\x12&.gmtrouter.v1.StreamPreferencesRequest\x1a\x1e.gmtrouter.v1.PreferenceUpdate0\x01\x12O\n" +
+	"\n" +
+	"DeleteUser\x12\x1f.gmtrouter.v1.DeleteUserRequest\x1a .gmtrouter.v1.DeleteUserResponseBDZBgithub.com/gmtrouter/gmtrouter/protos/gen/go/gmtrouter/v1;routerv1b\x06proto3"
 
 var (
 	file_gmtrouter_v1_router_proto_rawDescOnce sync.Once
@@ -936,7 +1032,7 @@ func file_gmtrouter_v1_router_proto_rawDescGZIP() []byte {
 	return file_gmtrouter_v1_router_proto_rawDescData
 }
 
-var file_gmtrouter_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_gmtrouter_v1_router_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_gmtrouter_v1_router_proto_goTypes = []any{
 	(*CandidateModel)(nil),           // 0: gmtrouter.v1.CandidateModel
 	(*SelectRequest)(nil),            // 1: gmtrouter.v1.SelectRequest
@@ -948,26 +1044,30 @@ var file_gmtrouter_v1_router_proto_goTypes = []any{
 	(*StreamPreferencesRequest)(nil), // 7: gmtrouter.v1.StreamPreferencesRequest
 	(*ModelPreference)(nil),          // 8: gmtrouter.v1.ModelPreference
 	(*PreferenceUpdate)(nil),         // 9: gmtrouter.v1.PreferenceUpdate
-	nil,                              // 10: gmtrouter.v1.SelectResponse.AllScoresEntry
-	(*timestamppb.Timestamp)(nil),    // 11: google.protobuf.Timestamp
+	(*DeleteUserRequest)(nil),        // 10: gmtrouter.v1.DeleteUserRequest
+	(*DeleteUserResponse)(nil),       // 11: gmtrouter.v1.DeleteUserResponse
+	nil,                              // 12: gmtrouter.v1.SelectResponse.AllScoresEntry
+	(*timestamppb.Timestamp)(nil),    // 13: google.protobuf.Timestamp
 }
 var file_gmtrouter_v1_router_proto_depIdxs = []int32{
 	0,  // 0: gmtrouter.v1.SelectRequest.candidate_models:type_name -> gmtrouter.v1.CandidateModel
-	10, // 1: gmtrouter.v1.SelectResponse.all_scores:type_name -> gmtrouter.v1.SelectResponse.AllScoresEntry
-	11, // 2: gmtrouter.v1.RecordResponseRequest.timestamp:type_name -> google.protobuf.Timestamp
+	12, // 1: gmtrouter.v1.SelectResponse.all_scores:type_name -> gmtrouter.v1.SelectResponse.AllScoresEntry
+	13, // 2: gmtrouter.v1.RecordResponseRequest.timestamp:type_name -> google.protobuf.Timestamp
 	3,  // 3: gmtrouter.v1.RecordResponseRequest.rating:type_name -> gmtrouter.v1.Rating
 	4,  // 4: gmtrouter.v1.RecordResponseRequest.comparison:type_name -> gmtrouter.v1.Comparison
 	0,  // 5: gmtrouter.v1.StreamPreferencesRequest.candidate_models:type_name -> gmtrouter.v1.CandidateModel
 	8,  // 6: gmtrouter.v1.PreferenceUpdate.preferences:type_name -> gmtrouter.v1.ModelPreference
-	11, // 7: gmtrouter.v1.PreferenceUpdate.updated_at:type_name -> google.protobuf.Timestamp
+	13, // 7: gmtrouter.v1.PreferenceUpdate.updated_at:type_name -> google.protobuf.Timestamp
 	1,  // 8: gmtrouter.v1.RouterService.Select:input_type -> gmtrouter.v1.SelectRequest
 	5,  // 9: gmtrouter.v1.RouterService.RecordResponse:input_type -> gmtrouter.v1.RecordResponseRequest
 	7,  // 10: gmtrouter.v1.RouterService.StreamPreferences:input_type -> gmtrouter.v1.StreamPreferencesRequest
-	2,  // 11: gmtrouter.v1.RouterService.Select:output_type -> gmtrouter.v1.SelectResponse
-	6,  // 12: gmtrouter.v1.RouterService.RecordResponse:output_type -> gmtrouter.v1.RecordResponseResponse
-	9,  // 13: gmtrouter.v1.RouterService.StreamPreferences:output_type -> gmtrouter.v1.PreferenceUpdate
-	11, // [11:14] is the sub-list for method output_type
-	8,  // [8:11] is the sub-list for method input_type
+	10, // 11: gmtrouter.v1.RouterService.DeleteUser:input_type -> gmtrouter.v1.DeleteUserRequest
+	2,  // 12: gmtrouter.v1.RouterService.Select:output_type -> gmtrouter.v1.SelectResponse
+	6,  // 13: gmtrouter.v1.RouterService.RecordResponse:output_type -> gmtrouter.v1.RecordResponseResponse
+	9,  // 14: gmtrouter.v1.RouterService.StreamPreferences:output_type -> gmtrouter.v1.PreferenceUpdate
+	11, // 15: gmtrouter.v1.RouterService.DeleteUser:output_type -> gmtrouter.v1.DeleteUserResponse
+	12, // [12:16] is the sub-list for method output_type
+	8,  // [8:12] is the sub-list for method input_type
 	8,  // [8:8] is the sub-list for extension type_name
 	8,  // [8:8] is the sub-list for extension extendee
 	0,  // [0:8] is the sub-list for field type_name
@@ -988,7 +1088,7 @@ func file_gmtrouter_v1_router_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_gmtrouter_v1_router_proto_rawDesc), len(file_gmtrouter_v1_router_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

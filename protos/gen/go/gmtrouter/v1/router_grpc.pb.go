@@ -30,6 +30,7 @@ const (
 	RouterService_Select_FullMethodName            = "/gmtrouter.v1.RouterService/Select"
 	RouterService_RecordResponse_FullMethodName    = "/gmtrouter.v1.RouterService/RecordResponse"
 	RouterService_StreamPreferences_FullMethodName = "/gmtrouter.v1.RouterService/StreamPreferences"
+	RouterService_DeleteUser_FullMethodName        = "/gmtrouter.v1.RouterService/DeleteUser"
 )
 
 // RouterServiceClient is the client API for RouterService service.
@@ -51,6 +52,14 @@ type RouterServiceClient interface {
 	// StreamPreferences sends first the current ranking of each requested user, then one
 	// update whenever that user's ranking of the candidate models changes.
 	StreamPreferences(ctx context.Context, in *StreamPreferencesRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[PreferenceUpdate], error)
+	// DeleteUser erases everything stored about one user (right to erasure): the user node,
+	// every interaction (queries, turns, responses, feedback), their idempotency keys, the
+	// user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+	// replica's cached state for the user. Open StreamPreferences streams for the user receive
+	// the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+	// Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+	// deleted).
+	DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error)
 }
 
 type routerServiceClient struct {
@@ -100,6 +109,16 @@ func (c *routerServiceClient) StreamPreferences(ctx context.Context, in *StreamP
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RouterService_StreamPreferencesClient = grpc.ServerStreamingClient[PreferenceUpdate]
 
+func (c *routerServiceClient) DeleteUser(ctx context.Context, in *DeleteUserRequest, opts ...grpc.CallOption) (*DeleteUserResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteUserResponse)
+	err := c.cc.Invoke(ctx, RouterService_DeleteUser_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RouterServiceServer is the server API for RouterService service.
 // All implementations must embed UnimplementedRouterServiceServer
 // for forward compatibility.
@@ -119,6 +138,14 @@ type RouterServiceServer interface {
 	// StreamPreferences sends first the current ranking of each requested user, then one
 	// update whenever that user's ranking of the candidate models changes.
 	StreamPreferences(*StreamPreferencesRequest, grpc.ServerStreamingServer[PreferenceUpdate]) error
+	// DeleteUser erases everything stored about one user (right to erasure): the user node,
+	// every interaction (queries, turns, responses, feedback), their idempotency keys, the
+	// user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
+	// replica's cached state for the user. Open StreamPreferences streams for the user receive
+	// the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
+	// Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
+	// deleted).
+	DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error)
 	mustEmbedUnimplementedRouterServiceServer()
 }
 
@@ -137,6 +164,9 @@ func (UnimplementedRouterServiceServer) RecordResponse(context.Context, *RecordR
 }
 func (UnimplementedRouterServiceServer) StreamPreferences(*StreamPreferencesRequest, grpc.ServerStreamingServer[PreferenceUpdate]) error {
 	return status.Error(codes.Unimplemented, "method StreamPreferences not implemented")
+}
+func (UnimplementedRouterServiceServer) DeleteUser(context.Context, *DeleteUserRequest) (*DeleteUserResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteUser not implemented")
 }
 func (UnimplementedRouterServiceServer) mustEmbedUnimplementedRouterServiceServer() {}
 func (UnimplementedRouterServiceServer) testEmbeddedByValue()                       {}
@@ -206,6 +236,24 @@ func _RouterService_StreamPreferences_Handler(srv interface{}, stream grpc.Serve
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type RouterService_StreamPreferencesServer = grpc.ServerStreamingServer[PreferenceUpdate]
 
+func _RouterService_DeleteUser_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteUserRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RouterServiceServer).DeleteUser(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RouterService_DeleteUser_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RouterServiceServer).DeleteUser(ctx, req.(*DeleteUserRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RouterService_ServiceDesc is the grpc.ServiceDesc for RouterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -220,6 +268,10 @@ var RouterService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordResponse",
 			Handler:    _RouterService_RecordResponse_Handler,
+		},
+		{
+			MethodName: "DeleteUser",
+			Handler:    _RouterService_DeleteUser_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,248 @@
+"""Prometheus metrics: RPCs, store operations, decisions, model version; the /metrics endpoint.
+
+One :class:`Metrics` object per server, on its own registry (no module-level state), served
+over HTTP on ``server.metrics_port``. Series (all prefixed ``gmtrouter_``):
+
+* ``rpc_requests_total{method,code}`` and ``rpc_latency_seconds{method,code}`` (histogram):
+  every RouterService RPC, recorded by the access-log interceptor (``server/app.py``).
+* ``rpc_in_flight{method}``: RPCs being handled now.
+* ``store_operation_seconds{operation}`` (histogram) and ``store_errors_total{operation}``:
+  every graph-store call, through :class:`InstrumentedStore`.
+* ``select_decisions_total{method}``: Select answers by decision method (``bt_prior``,
+  ``gmtrouter``, ``*_cold_start``, ``degraded_*``): the cold-start share is
+  ``sum(rate(...{method=~".*cold_start"})) / sum(rate(...))``.
+* ``model_info{model_version}`` (always 1): the scoring model version of the latest Select.
+* ``users_deleted_total``: successful DeleteUser calls.
+* the ``process_*``, ``python_gc_*`` and ``python_info`` collectors of prometheus-client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from gmtrouter.v1 import router_pb2 as pb
+from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.neighbourhood import Neighbourhood
+from graphstore.store import GraphStore
+
+log = structlog.get_logger(__name__)
+
+#: Latency buckets in seconds: sub-millisecond scoring up to slow store round trips.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """The service's metrics on a private registry.
+
+    Args:
+        registry: Registry to register on (a fresh one by default).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.rpc_requests = Counter(
+            "gmtrouter_rpc_requests",
+            "RouterService RPCs handled, by method and final gRPC status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_latency = Histogram(
+            "gmtrouter_rpc_latency_seconds",
+            "RouterService RPC latency in seconds (streams: lifetime), by method and code.",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.rpc_in_flight = Gauge(
+            "gmtrouter_rpc_in_flight",
+            "RouterService RPCs being handled now, by method.",
+            ["method"],
+            registry=r,
+        )
+        self.store_latency = Histogram(
+            "gmtrouter_store_operation_seconds",
+            "Graph-store call latency in seconds, by operation.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "gmtrouter_store_errors",
+            "Graph-store calls that raised (e.g. StoreUnavailableError), by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.select_decisions = Counter(
+            "gmtrouter_select_decisions",
+            "Select answers by decision method (cold start, personalized, prior, degraded).",
+            ["method"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "gmtrouter_model_info",
+            "Scoring model version of the latest Select (value always 1).",
+            ["model_version"],
+            registry=r,
+        )
+        self.users_deleted = Counter(
+            "gmtrouter_users_deleted", "Successful DeleteUser calls.", registry=r
+        )
+        self._model_version: str | None = None
+        self._lock = threading.Lock()
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def observe_rpc(self, method: str, code: str, latency_s: float) -> None:
+        """Count one finished RPC and its latency."""
+        self.rpc_requests.labels(method, code).inc()
+        self.rpc_latency.labels(method, code).observe(latency_s)
+
+    def observe_response(self, method: str, response: Any) -> None:
+        """Look at a successful response: Select's decision method and model version."""
+        if isinstance(response, pb.SelectResponse):
+            self.select_decisions.labels(response.method or "unknown").inc()
+            self.set_model_version(response.model_version)
+        elif isinstance(response, pb.DeleteUserResponse):
+            self.users_deleted.inc()
+
+    def set_model_version(self, version: str) -> None:
+        """Make ``version`` the one series of ``gmtrouter_model_info``."""
+        with self._lock:
+            if version == self._model_version:
+                return
+            self.model_info.clear()
+            self.model_info.labels(version).set(1)
+            self._model_version = version
+
+    # -- /metrics endpoint -------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP on a daemon thread.
+
+        Returns:
+            The bound port (useful with ``port`` 0 in tests).
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint (if it runs)."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=5)
+            self._http_thread = None
+
+
+class InstrumentedStore(GraphStore):
+    """A :class:`GraphStore` that times every call and counts failures, then delegates.
+
+    Args:
+        inner: The real store (opened and closed by its owner, not through this wrapper).
+        metrics: Where to record.
+    """
+
+    def __init__(self, inner: GraphStore, metrics: Metrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self.embedding_dim = inner.embedding_dim
+
+    def __getattr__(self, name: str) -> Any:  # backend-specific extras (e.g. write counters)
+        return getattr(self.inner, name)
+
+    async def _call(self, operation: str, coro: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return await coro
+        except Exception:
+            self.metrics.store_errors.labels(operation).inc()
+            raise
+        finally:
+            self.metrics.store_latency.labels(operation).observe(time.perf_counter() - start)
+
+    async def open(self) -> None:
+        """See :meth:`GraphStore.open`."""
+        await self._call("open", self.inner.open())
+
+    async def close(self) -> None:
+        """See :meth:`GraphStore.close`."""
+        await self._call("close", self.inner.close())
+
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """See :meth:`GraphStore.record`."""
+        out: list[RecordResult] = await self._call("record", self.inner.record(interactions))
+        return out
+
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """See :meth:`GraphStore.neighbourhood`."""
+        out: Neighbourhood = await self._call(
+            "neighbourhood", self.inner.neighbourhood(user_id, hops, fan_out)
+        )
+        return out
+
+    async def user_version(self, user_id: str) -> int:
+        """See :meth:`GraphStore.user_version`."""
+        return int(await self._call("user_version", self.inner.user_version(user_id)))
+
+    async def list_models(self) -> list[str]:
+        """See :meth:`GraphStore.list_models`."""
+        out: list[str] = await self._call("list_models", self.inner.list_models())
+        return out
+
+    async def pair_counts(self) -> list[PairCount]:
+        """See :meth:`GraphStore.pair_counts`."""
+        out: list[PairCount] = await self._call("pair_counts", self.inner.pair_counts())
+        return out
+
+    async def counts(self) -> dict[str, int]:
+        """See :meth:`GraphStore.counts`."""
+        out: dict[str, int] = await self._call("counts", self.inner.counts())
+        return out
+
+    async def delete_user(self, user_id: str) -> int:
+        """See :meth:`GraphStore.delete_user`."""
+        return int(await self._call("delete_user", self.inner.delete_user(user_id)))

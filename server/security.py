@@ -1,0 +1,251 @@
+"""Transport security and caller authentication for the gRPC server.
+
+* TLS / mutual TLS: :func:`server_credentials` turns ``server.tls`` into gRPC server
+  credentials (PEM files read once at start-up).
+* Bearer tokens: :class:`BearerAuth` is a server interceptor that checks the
+  ``authorization: Bearer <token>`` metadata of every RouterService call against a
+  :class:`TokenTable` (``server.auth.tokens_file`` and env ``GMTROUTER_AUTH_TOKENS``).
+  No or an unknown token → UNAUTHENTICATED; a known token without the method's scope →
+  PERMISSION_DENIED. Health checks and reflection stay open (probes carry no token).
+
+Tokens are kept only as SHA-256 digests and are never logged; a token's *fingerprint* (the
+first 8 hex digits of its digest) identifies it in logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from server.config import AuthSettings, TLSSettings
+
+log = structlog.get_logger(__name__)
+
+#: Environment variable with comma-separated bearer tokens (all scopes).
+TOKENS_ENV = "GMTROUTER_AUTH_TOKENS"
+
+#: Scopes a token may carry. ``route``: Select, RecordResponse, StreamPreferences;
+#: ``admin``: DeleteUser. A token listed without scopes has all of them.
+SCOPES = frozenset({"route", "admin"})
+
+#: RouterService method → scope it needs (methods not listed need ``admin``).
+METHOD_SCOPES: Mapping[str, str] = {
+    "Select": "route",
+    "RecordResponse": "route",
+    "StreamPreferences": "route",
+    "DeleteUser": "admin",
+}
+
+#: Method-path prefixes that never need a token (Kubernetes probes, grpcurl discovery).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+#: Shortest accepted token (characters): guessable tokens are refused at start-up.
+MIN_TOKEN_CHARS = 16
+
+
+class SecurityConfigError(ValueError):
+    """A TLS file or the token list cannot be used; the message names the setting."""
+
+
+def _read(path: str, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{setting}: cannot read {path!r}: {exc.strerror}") from None
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
+    """gRPC server credentials for ``server.tls``, or None when TLS is off.
+
+    Raises:
+        SecurityConfigError: a PEM file is missing or unreadable.
+    """
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    cert = _read(tls.cert_file, "server.tls.cert_file")
+    key = _read(tls.key_file, "server.tls.key_file")
+    ca = (
+        _read(tls.client_ca_file, "server.tls.client_ca_file")
+        if tls.client_ca_file is not None
+        else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_auth
+    )
+
+
+def fingerprint(token: str) -> str:
+    """First 8 hex digits of the token's SHA-256: safe to log."""
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+    """Accepted bearer tokens (as SHA-256 digests) and their scopes."""
+
+    entries: tuple[tuple[bytes, frozenset[str]], ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one token is configured (authentication is on)."""
+        return bool(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def scopes(self, token: str) -> frozenset[str] | None:
+        """The token's scopes, or None for an unknown token (constant time per entry)."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found: frozenset[str] | None = None
+        for known, scopes in self.entries:
+            if hmac.compare_digest(known, digest):
+                found = scopes
+        return found
+
+    @classmethod
+    def from_tokens(cls, tokens: Mapping[str, frozenset[str]]) -> TokenTable:
+        """Build from token → scopes.
+
+        Raises:
+            SecurityConfigError: a token is shorter than :data:`MIN_TOKEN_CHARS` or a scope
+                is unknown.
+        """
+        entries = []
+        for token, scopes in tokens.items():
+            if len(token) < MIN_TOKEN_CHARS:
+                raise SecurityConfigError(
+                    f"bearer token {fingerprint(token)} has {len(token)} characters; "
+                    f"at least {MIN_TOKEN_CHARS} are required"
+                )
+            unknown = sorted(scopes - SCOPES)
+            if unknown:
+                raise SecurityConfigError(
+                    f"bearer token {fingerprint(token)}: unknown scope(s) {unknown}; "
+                    f"allowed: {sorted(SCOPES)}"
+                )
+            entries.append((hashlib.sha256(token.encode()).digest(), scopes or SCOPES))
+        return cls(tuple(entries))
+
+
+def _parse_tokens_file(text: str, source: str) -> dict[str, frozenset[str]]:
+    out: dict[str, frozenset[str]] = {}
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2:
+            raise SecurityConfigError(
+                f"{source}:{n}: expected 'TOKEN' or 'TOKEN scope[,scope]', got {len(parts)} fields"
+            )
+        scopes = frozenset(s for s in parts[1].split(",") if s) if len(parts) == 2 else SCOPES
+        out[parts[0]] = scopes
+    return out
+
+
+def load_tokens(auth: AuthSettings, environ: Mapping[str, str]) -> TokenTable:
+    """Tokens from ``auth.tokens_file`` and ``GMTROUTER_AUTH_TOKENS``; empty = auth off.
+
+    Raises:
+        SecurityConfigError: the file is unreadable or holds no token, a line is malformed,
+            a token is too short or names an unknown scope.
+    """
+    tokens: dict[str, frozenset[str]] = {}
+    if auth.tokens_file is not None:
+        text = _read(auth.tokens_file, "server.auth.tokens_file").decode("utf-8", "replace")
+        tokens.update(_parse_tokens_file(text, auth.tokens_file))
+        if not tokens:
+            raise SecurityConfigError(
+                f"server.auth.tokens_file: {auth.tokens_file!r} holds no token "
+                "(refusing to start without authentication while a tokens file is configured)"
+            )
+    for token in environ.get(TOKENS_ENV, "").split(","):
+        if token.strip():
+            tokens[token.strip()] = SCOPES
+    return TokenTable.from_tokens(tokens)
+
+
+def rejecting_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that fails every call with ``code``."""
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    ser = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(abort, **ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(abort, **ser)
+    return grpc.stream_stream_rpc_method_handler(abort_stream, **ser)
+
+
+def bearer_token(metadata: Any) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Require a known bearer token (with the method's scope) on every RouterService call.
+
+    Args:
+        tokens: The accepted tokens.
+    """
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if token is None:
+            return rejecting_handler(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+        scopes = self.tokens.scopes(token)
+        if scopes is None:
+            log.warning("rejected token", method=method, token=fingerprint(token))
+            return rejecting_handler(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
+            )
+        name = method.rsplit("/", 1)[-1]
+        need = METHOD_SCOPES.get(name, "admin")
+        if need not in scopes:
+            return rejecting_handler(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token {fingerprint(token)} lacks scope {need!r} needed by {name}",
+            )
+        return handler
