@@ -132,3 +132,11 @@ def test_config_loader_never_crashes(data: dict[str, object]) -> None:
         parse_settings(data)
     except ConfigError as exc:
         assert str(exc).startswith("invalid configuration")
+
+
+def test_readme_configuration_reference_is_valid() -> None:
+    """The YAML block of the README's configuration reference loads as it is."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    s = parse_settings(yaml.safe_load(block), "README.md")
+    assert s.gmtrouter.num_layers == 2 and s.sampler.hops == 2
