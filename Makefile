@@ -12,7 +12,7 @@ GO_OUT := protos/gen/go
 
 .PHONY: help install uv proto proto-check go-build go-test helm-check helm-schema lint typecheck \
         check test demo serve \
-        neo4j-install neo4j-start neo4j-stop neo4j-status clean
+        neo4j-install neo4j-start neo4j-stop neo4j-status clean bench
 
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -86,6 +86,9 @@ demo: install $(DEMO_DIR)/gmtrouter-llmfao.pt  ## train on half the bundled LLMF
 
 serve: install  ## gmtrouter serve on the embedded store
 	.venv/bin/gmtrouter serve
+
+bench: install neo4j-install  ## benchmarks against a served checkpoint -> bench/results/latest.json (~6 min)
+	$(PY) -m bench.run --out bench/results/latest.json
 
 neo4j-install:  ## download the Neo4j server jars from Maven Central (cached in ~/.m2)
 	tools/neo4j/neo4j.sh install

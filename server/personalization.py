@@ -1,9 +1,15 @@
 """The personalized scorer: the GMTRouter network over the user's k-hop neighbourhood.
 
-Per request: read the user's graph version (one indexed read); if the cached user and LLM
-embeddings were computed from that version and cover the candidates, only the prediction head
-runs (≈0.1 ms); otherwise the neighbourhood is sampled from the store, turned into a
-``HeteroData`` and encoded by the HGT layers (off the event loop), and the result is cached.
+Per request: read the user's graph version (one indexed read; concurrent requests for one
+user share the read); if the cached user and LLM embeddings were computed from that version
+and cover the candidates, only the prediction head runs (≈0.1 ms); otherwise the neighbourhood
+is sampled from the store, turned into a ``HeteroData`` and encoded by the HGT layers, and the
+result is cached (concurrent misses for one user share one encode).
+
+Torch never runs on the event loop: the head runs in the executor through a micro-batcher
+(:class:`HeadBatcher`): requests that arrive while a forward pass is running are scored
+together in the next one, so under concurrency one pass serves many requests, and a lone
+request waits for nobody.
 A user with fewer than ``sampler.min_history`` turns is the cold-start case: the network runs
 on a graph without that user's history (method ``gmtrouter_cold_start``), which is the
 network's non-personalized, query-aware score.
@@ -16,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +33,7 @@ from graphstore.store import GraphStore
 from model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from model.data import llm_description
 from model.graph import build_hetero_graph
+from model.network import GMTRouterNetwork
 from model.text_encoder import TextEncoder
 from server.config import Settings
 from server.scoring import PriorScorer, Scores
@@ -43,6 +51,108 @@ class _UserState:
     user_h: torch.Tensor  # float32 [H]
     llm_h: dict[str, torch.Tensor]  # name -> float32 [H]
     typical_query: npt.NDArray[np.float32]  # float32 [D]
+    #: candidate tuple -> float32 [C, H] stacked ``llm_h`` rows (filled on first use)
+    stacked: dict[tuple[str, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def candidates_h(self, candidates: Sequence[str]) -> torch.Tensor:
+        """float32 ``[C, H]``: the cached LLM embeddings of ``candidates``, in order."""
+        key = tuple(candidates)
+        out = self.stacked.get(key)
+        if out is None:
+            if len(self.stacked) >= 64:
+                self.stacked.clear()
+            out = torch.stack([self.llm_h[m] for m in key])
+            self.stacked[key] = out
+        return out
+
+
+class _HeadRow(NamedTuple):
+    user_h: torch.Tensor  # float32 [H]
+    query: npt.NDArray[np.float32]  # float32 [D]
+    llm_h: torch.Tensor  # float32 [C, H]
+    future: asyncio.Future[list[float]]
+
+
+class HeadBatcher:
+    """Scores concurrent requests with one prediction-head forward pass, in the executor.
+
+    Adaptive batching without a timer: the first request starts a pass at once; requests
+    that arrive while it runs wait and go together into the next pass (at most
+    ``max_batch_rows`` rows). Each request gets its own result, or the pass's exception.
+    Rows are independent in the head (no cross-row attention; dropout is off in eval mode),
+    so batching does not change any score beyond float rounding.
+
+    Args:
+        network: The network (eval mode); only :meth:`GMTRouterNetwork.score` is called.
+        executor: Where the forward passes run.
+        max_batch_rows: Largest number of requests in one pass.
+    """
+
+    def __init__(
+        self,
+        network: GMTRouterNetwork,
+        executor: concurrent.futures.Executor,
+        max_batch_rows: int = 256,
+    ) -> None:
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows (got {max_batch_rows}) must be >= 1")
+        self.network = network
+        self.executor = executor
+        self.max_batch_rows = max_batch_rows
+        self._pending: list[_HeadRow] = []
+        self._task: asyncio.Task[None] | None = None
+        #: Forward passes run and rows scored so far (for tests and metrics).
+        self.passes = 0
+        self.rows = 0
+
+    async def score(
+        self, user_h: torch.Tensor, query: npt.NDArray[np.float32], llm_h: torch.Tensor
+    ) -> list[float]:
+        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H]``) for one request."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[float]] = loop.create_future()
+        self._pending.append(_HeadRow(user_h, query, llm_h, fut))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = self._pending[: self.max_batch_rows]
+            del self._pending[: self.max_batch_rows]
+            try:
+                results = await loop.run_in_executor(self.executor, self._forward, batch)
+            except BaseException as exc:
+                for row in batch:
+                    if not row.future.done():
+                        row.future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for row, res in zip(batch, results, strict=True):
+                if not row.future.done():
+                    row.future.set_result(res)
+
+    def _forward(self, batch: list[_HeadRow]) -> list[list[float]]:
+        """One head pass per distinct candidate count (usually one); runs in the executor."""
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(batch):
+            groups.setdefault(int(row.llm_h.shape[0]), []).append(i)
+        out: list[list[float]] = [[] for _ in batch]
+        with torch.inference_mode():
+            for idx in groups.values():
+                rows = [batch[i] for i in idx]
+                logits = self.network.score(
+                    torch.stack([r.user_h for r in rows]),
+                    torch.from_numpy(np.stack([r.query for r in rows])),
+                    torch.stack([r.llm_h for r in rows]),
+                ).tolist()
+                for i, values in zip(idx, logits, strict=True):
+                    out[i] = values
+        self.passes += 1
+        self.rows += len(batch)
+        return out
 
 
 class NetworkScorer:
@@ -81,6 +191,10 @@ class NetworkScorer:
         }
         self._descriptions = {m.name: m.description for m in settings.models if m.description}
         self._cache: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
+        self.head = HeadBatcher(self.network, executor)
+        # In-flight reads and encodes, shared by concurrent requests for one user.
+        self._version_reads: dict[str, asyncio.Future[int]] = {}
+        self._encodes: dict[tuple[str, int], asyncio.Future[_UserState]] = {}
 
     @property
     def model_version(self) -> str:
@@ -171,8 +285,28 @@ class NetworkScorer:
             user_h, llm_h = self.network.encode(data)
         return user_h[0].clone(), {m: llm_h[i].clone() for i, m in enumerate(llm_names)}
 
+    async def _version(self, user_id: str) -> int:
+        """The user's graph version; concurrent callers for one user share one store read.
+
+        A caller joins only a read that started after the user's last local write
+        (:meth:`invalidate` forgets in-flight reads), so a local write is always seen.
+        """
+        fut = self._version_reads.get(user_id)
+        if fut is None:
+            fut = asyncio.ensure_future(self.store.user_version(user_id))
+            self._version_reads[user_id] = fut
+
+            def _forget(done: asyncio.Future[int], user: str = user_id) -> None:
+                if self._version_reads.get(user) is done:
+                    del self._version_reads[user]
+                if not done.cancelled():
+                    done.exception()  # retrieved: no "never retrieved" warning
+
+            fut.add_done_callback(_forget)
+        return await asyncio.shield(fut)
+
     async def _state(self, user_id: str, candidates: Sequence[str]) -> _UserState:
-        version = await self.store.user_version(user_id)
+        version = await self._version(user_id)
         cached = self._cache.get(user_id)
         if (
             cached is not None
@@ -181,6 +315,25 @@ class NetworkScorer:
         ):
             self._cache.move_to_end(user_id)
             return cached
+        key = (user_id, version)
+        fut = self._encodes.get(key)
+        if fut is not None:
+            state = await asyncio.shield(fut)
+            if all(m in state.llm_h for m in candidates):
+                return state
+        fut = asyncio.ensure_future(self._encode_user(user_id, candidates))
+        self._encodes[key] = fut
+
+        def _forget(done: asyncio.Future[_UserState]) -> None:
+            if self._encodes.get(key) is done:
+                del self._encodes[key]
+            if not done.cancelled():
+                done.exception()
+
+        fut.add_done_callback(_forget)
+        return await asyncio.shield(fut)
+
+    async def _encode_user(self, user_id: str, candidates: Sequence[str]) -> _UserState:
         s = self.settings.sampler
         nb = await self.store.neighbourhood(user_id, s.hops, s.fan_out)
         history = int(np.count_nonzero(nb.turn_user == 0))
@@ -215,13 +368,12 @@ class NetworkScorer:
         """Network logits per candidate; see the module docstring for caching and cold start."""
         state = await self._state(user_id, candidates)
         q = state.typical_query if query_embedding is None else query_embedding
-        with torch.inference_mode():
-            logits = self.network.score(
-                state.user_h.unsqueeze(0),
-                torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).unsqueeze(0),
-                torch.stack([state.llm_h[m] for m in candidates]).unsqueeze(0),
-            )[0]
-        scores = {m: float(v) for m, v in zip(candidates, logits.tolist(), strict=True)}
+        logits = await self.head.score(
+            state.user_h,
+            np.ascontiguousarray(q, dtype=np.float32),
+            state.candidates_h(candidates),
+        )
+        scores = {m: float(v) for m, v in zip(candidates, logits, strict=True)}
         min_history = max(self.settings.sampler.min_history, 1)
         if state.history_turns >= min_history:
             method = METHOD
@@ -240,6 +392,7 @@ class NetworkScorer:
     def invalidate(self, user_id: str) -> None:
         """Drop the user's cached embeddings (their graph changed)."""
         self._cache.pop(user_id, None)
+        self._version_reads.pop(user_id, None)
         self.prior.invalidate(user_id)
 
     async def warm_up(self) -> None:
@@ -248,4 +401,8 @@ class NetworkScorer:
         names = self.ckpt.models[:2] or ["__warm_up_model__"]
         llm_x = await self._llm_features(names)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._encode_sync, nb, names, llm_x, True)
+        user_h, llm_h = await loop.run_in_executor(
+            self.executor, self._encode_sync, nb, names, llm_x, True
+        )
+        query = np.zeros(self.settings.embedding.dim, dtype=np.float32)
+        await self.head.score(user_h, query, torch.stack([llm_h[m] for m in names]))

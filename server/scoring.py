@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -72,18 +74,28 @@ class PriorScorer:
         store: The shared graph store.
         refresh_s: Maximum age of the cached strengths, in seconds.
         prior_strength: Virtual games per model (shrinkage towards equal strength).
+        executor: Where the fit runs (never on the event loop); None = the loop's default.
     """
 
     method = "bt_prior"
 
-    def __init__(self, store: GraphStore, refresh_s: float = 1.0, prior_strength: float = 1.0):
+    def __init__(
+        self,
+        store: GraphStore,
+        refresh_s: float = 1.0,
+        prior_strength: float = 1.0,
+        executor: concurrent.futures.Executor | None = None,
+    ):
         self.store = store
         self.refresh_s = refresh_s
         self.prior_strength = prior_strength
+        self.executor = executor
         self._theta: dict[str, float] = {}
         self._games = 0.0
         self._fitted_at = -float("inf")
         self._lock = asyncio.Lock()
+        self._generation = 0  # bumped by every invalidate()
+        self._fit_started = -float("inf")
 
     @property
     def model_version(self) -> str:
@@ -91,18 +103,34 @@ class PriorScorer:
         return f"bt_prior@{self._games:g}"
 
     async def strengths(self) -> dict[str, float]:
-        """Current log-strengths θ per model (refit when older than ``refresh_s``)."""
-        if time.monotonic() - self._fitted_at < self.refresh_s:
+        """Current log-strengths θ per model (refit when older than ``refresh_s``).
+
+        Concurrent callers share one refit (a caller waiting for a refit that started after
+        it arrived takes that one's result); the fit runs in the executor.
+        """
+        arrived = time.monotonic()
+        if arrived - self._fitted_at < self.refresh_s:
             return self._theta
         async with self._lock:
-            if time.monotonic() - self._fitted_at >= self.refresh_s:
+            if time.monotonic() - self._fitted_at >= self.refresh_s and self._fit_started < arrived:
+                started, generation = time.monotonic(), self._generation
+                self._fit_started = started
                 counts = await self.store.pair_counts()
                 wins = [(c.model_a, c.model_b, c.wins_a) for c in counts] + [
                     (c.model_b, c.model_a, c.wins_b) for c in counts
                 ]
-                self._theta = fit_bradley_terry(wins, prior_strength=self.prior_strength)
+                if counts:
+                    fit = functools.partial(
+                        fit_bradley_terry, wins, prior_strength=self.prior_strength
+                    )
+                    theta = await asyncio.get_running_loop().run_in_executor(self.executor, fit)
+                else:
+                    theta = {}
+                self._theta = theta
                 self._games = sum(c.wins_a + c.wins_b for c in counts)
-                self._fitted_at = time.monotonic()
+                # A local write during the refit leaves the strengths stale (refit again).
+                if generation == self._generation:
+                    self._fitted_at = started
         return self._theta
 
     async def score(
@@ -123,4 +151,5 @@ class PriorScorer:
 
     def invalidate(self, user_id: str) -> None:
         """A local write changed the pair counts: refit on the next request."""
+        self._generation += 1
         self._fitted_at = -float("inf")

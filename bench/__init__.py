@@ -1,0 +1,1 @@
+"""Benchmarks of the gmtrouter service (``make bench``)."""

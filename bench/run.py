@@ -1,0 +1,723 @@
+"""``make bench``: latency, throughput and memory of ``gmtrouter serve`` with a real checkpoint.
+
+Every figure is measured next to a baseline taken in the same run, on the same channel, so
+that noise from other work on the machine shows up in both:
+
+* latencies are measured *interleaved* with ``grpc.health.v1.Health/Check`` calls (one
+  health call, one measured call, ...), and each block reports its own health p50;
+* throughputs are reported next to the health-check throughput at the same concurrency.
+
+The server under test is a separate process (``python -m server.cli serve``) serving a
+trained GMTRouter checkpoint (``out/bench/ckpt.pt``, trained on the bundled LLMFAO sample
+when missing). Histories are written straight into the store before the server starts.
+
+Usage::
+
+    .venv/bin/python -m bench.run [--out bench/results/latest.json] [--quick] [--no-neo4j]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gmtrouter.v1 import router_pb2 as pb
+from gmtrouter.v1 import router_pb2_grpc
+from graphstore.interactions import Comparison, Interaction
+from graphstore.store import GraphStore
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "out" / "bench"
+CHECKPOINT = WORK / "ckpt.pt"
+DIM = 384
+NEO4J_HOME = REPO / "tools" / "neo4j" / ".run-bench"
+NEO4J_BOLT_PORT = 27687
+NEO4J_HTTP_PORT = 27474
+HISTORY_SIZES = (10, 100, 1_000, 10_000)
+MAIN_HISTORY = 50
+CONCURRENCY = 32
+TEXTS = [
+    "How do I reverse a linked list in place?",
+    "Write a haiku about autumn rain.",
+    "Explain the difference between TCP and UDP.",
+    "What is the derivative of x^3 sin(x)?",
+    "Summarise the plot of Hamlet in three sentences.",
+    "Translate 'good morning, how are you' into French.",
+    "Give me a recipe for a vegan chocolate cake.",
+    "Why is the sky blue?",
+    "Prove that the square root of two is irrational.",
+    "Draft a polite email declining a meeting invitation.",
+    "What are the main causes of inflation?",
+    "Write a Python function that checks for palindromes.",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 3)
+
+
+def summary(ms: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(ms),
+        "p50_ms": pct(ms, 50),
+        "p90_ms": pct(ms, 90),
+        "p99_ms": pct(ms, 99),
+        "mean_ms": round(float(np.mean(ms)), 3),
+    }
+
+
+# -- checkpoint and data -------------------------------------------------------------------
+
+
+def ensure_checkpoint(steps: int) -> dict[str, Any]:
+    """Train ``out/bench/ckpt.pt`` on the bundled LLMFAO sample unless it exists."""
+    if CHECKPOINT.is_file():
+        return {"path": str(CHECKPOINT.relative_to(REPO)), "trained_now": False}
+    log(f"training a checkpoint ({steps} steps on examples/data/llmfao) ...")
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "gmtrouter"),
+            "train",
+            "--dataset",
+            "llmfao",
+            "--data-path",
+            str(REPO / "examples" / "data" / "llmfao"),
+            "--out",
+            str(CHECKPOINT),
+            "--steps",
+            str(steps),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return {
+        "path": str(CHECKPOINT.relative_to(REPO)),
+        "trained_now": True,
+        "train_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def checkpoint_models() -> tuple[list[str], str]:
+    from model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(CHECKPOINT)
+    return list(ck.models), ck.version
+
+
+def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def history(user: str, n: int, models: Sequence[str], seed: int) -> list[Interaction]:
+    """``n`` comparisons between the candidates, in sessions of five turns, oldest first."""
+    rng = np.random.default_rng(seed)
+    emb = unit_rows(rng, n)
+    t0 = 1_700_000_000.0
+    out = []
+    for i in range(n):
+        a, b = rng.choice(len(models), size=2, replace=False)
+        winner, loser = models[int(a)], models[int(b)]
+        out.append(
+            Interaction(
+                interaction_id=f"{user}-{i:06d}",
+                user_id=user,
+                session_id=f"{user}/s{i // 5}",
+                turn_index=i % 5,
+                query=TEXTS[i % len(TEXTS)],
+                query_embedding=emb[i],
+                model=winner,
+                response="...",
+                timestamp_s=t0 + i,
+                idempotency_key=f"{user}-{i:06d}",
+                comparison=Comparison(winner, loser),
+            )
+        )
+    return out
+
+
+async def preload(store: GraphStore, users: dict[str, int], models: Sequence[str]) -> int:
+    await store.open()
+    total = 0
+    try:
+        for k, (user, n) in enumerate(users.items()):
+            items = history(user, n, models, seed=k)
+            for lo in range(0, len(items), 1000):
+                await store.record(items[lo : lo + 1000])
+            total += n
+    finally:
+        await store.close()
+    return total
+
+
+# -- the server process --------------------------------------------------------------------
+
+
+class Server:
+    """``python -m server.cli serve`` in a subprocess; peak RSS read from /proc."""
+
+    def __init__(self, name: str, store_uri: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.store_uri = store_uri
+        self.config = config
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = WORK / f"server-{name}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> Server:
+        cfg = WORK / f"config-{self.name}.yaml"
+        cfg.write_text(yaml.safe_dump(self.config))
+        logf = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "server.cli", "serve", "--config", str(cfg)),
+                *("--store", self.store_uri, "--port", str(self.port)),
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server {self.name} exited early:\n{self.log_tail()}")
+                with contextlib.suppress(grpc.RpcError):
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server {self.name} not SERVING after {timeout_s} s")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def peak_rss_mb(self) -> float | None:
+        if self.proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            return None
+        return None
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the server process has used so far."""
+        if self.proc is None:
+            return 0.0
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def server_config(workers: int = 1) -> dict[str, Any]:
+    return {
+        "decision": {"algorithm": {"gmtrouter": {"model_path": str(CHECKPOINT)}}},
+        "logging": {"format": "json"},
+        "server": {"max_workers": workers},
+    }
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def candidates(models: Sequence[str]) -> list[pb.CandidateModel]:
+    return [pb.CandidateModel(model=m) for m in models]
+
+
+def select_request(
+    user: str, models: Sequence[str], emb: np.ndarray | None, text: str = ""
+) -> pb.SelectRequest:
+    return pb.SelectRequest(
+        user_id=user,
+        query=text,
+        query_embedding=[] if emb is None else emb.tolist(),
+        candidate_models=candidates(models),
+    )
+
+
+def record_request(user: str, i: int, models: Sequence[str], emb: np.ndarray) -> Any:
+    return pb.RecordResponseRequest(
+        user_id=user,
+        session_id=f"{user}/s{i // 5}",
+        turn_index=i % 5,
+        query_embedding=emb.tolist(),
+        response="...",
+        idempotency_key=f"{user}-{i}",
+        comparison=pb.Comparison(winner_model=models[i % 2], loser_model=models[2 + i % 2]),
+    )
+
+
+# -- measurements ------------------------------------------------------------------------------
+
+
+def interleaved(
+    channel: grpc.Channel, n: int, make_call: Callable[[int], Callable[[], Any]]
+) -> tuple[list[float], list[float]]:
+    """``n`` rounds of (health Check, measured call); latencies in ms of both."""
+    health = health_pb2_grpc.HealthStub(channel).Check
+    hreq = health_pb2.HealthCheckRequest()
+    h_ms: list[float] = []
+    c_ms: list[float] = []
+    pc = time.perf_counter
+    for i in range(n):
+        call = make_call(i)
+        t0 = pc()
+        health(hreq, timeout=10)
+        t1 = pc()
+        call()
+        t2 = pc()
+        h_ms.append((t1 - t0) * 1e3)
+        c_ms.append((t2 - t1) * 1e3)
+    return h_ms, c_ms
+
+
+def select_block(
+    channel: grpc.Channel,
+    user: str,
+    models: Sequence[str],
+    n: int,
+    *,
+    texts: bool = False,
+    warm: int = 50,
+) -> dict[str, Any]:
+    stub = router_pb2_grpc.RouterServiceStub(channel)
+    rng = np.random.default_rng(7)
+    embs = unit_rows(rng, 64)
+    if texts:
+        reqs = [
+            select_request(user, models, None, f"{TEXTS[i % len(TEXTS)]} (variant {i})")
+            for i in range(n + warm)
+        ]
+    else:
+        reqs = [select_request(user, models, embs[i % len(embs)]) for i in range(n + warm)]
+    methods = set()
+    for r in reqs[:warm]:
+        methods.add(stub.Select(r, timeout=30).method)
+
+    def make(i: int) -> Callable[[], Any]:
+        req = reqs[warm + i]
+        return lambda: stub.Select(req, timeout=30)
+
+    h, s = interleaved(channel, n, make)
+    return {"select": summary(s), "health": summary(h), "methods": sorted(methods)}
+
+
+async def closed_loop(
+    address: str,
+    make_call: Callable[[Any, int, int], Any],
+    stub_cls: Callable[[grpc.aio.Channel], Any],
+    concurrency: int,
+    duration_s: float,
+    channels: int = 4,
+) -> dict[str, Any]:
+    """``concurrency`` clients each issuing calls back to back for ``duration_s``."""
+    chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    try:
+        stubs = [stub_cls(c) for c in chans]
+        for s in stubs:  # connect every channel
+            await make_call(s, 0, -1)
+        lat: list[float] = []
+        errors = 0
+        stop_at = 0.0
+
+        async def worker(w: int) -> int:
+            nonlocal errors
+            stub = stubs[w % len(stubs)]
+            done = 0
+            i = 0
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await make_call(stub, w, i)
+                    done += 1
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                i += 1
+            return done
+
+        start = time.perf_counter()
+        stop_at = start + duration_s
+        done = await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    finally:
+        for c in chans:
+            await c.close(None)
+    return {
+        "rps": round(sum(done) / elapsed, 1),
+        "calls": sum(done),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        **({"latency": summary(lat)} if lat else {}),
+    }
+
+
+def health_rps(address: str, duration_s: float) -> dict[str, Any]:
+    req = health_pb2.HealthCheckRequest()
+
+    async def call(stub: Any, w: int, i: int) -> Any:
+        return await stub.Check(req, timeout=30)
+
+    return asyncio.run(
+        closed_loop(address, call, health_pb2_grpc.HealthStub, CONCURRENCY, duration_s)
+    )
+
+
+def select_rps(address: str, models: Sequence[str], duration_s: float) -> dict[str, Any]:
+    rng = np.random.default_rng(11)
+    embs = unit_rows(rng, 64)
+    reqs = [
+        [select_request(f"bench-c{w:02d}", models, embs[j]) for j in range(len(embs))]
+        for w in range(CONCURRENCY)
+    ]
+
+    async def call(stub: Any, w: int, i: int) -> Any:
+        return await stub.Select(reqs[w][i % len(embs)], timeout=30)
+
+    return asyncio.run(
+        closed_loop(address, call, router_pb2_grpc.RouterServiceStub, CONCURRENCY, duration_s)
+    )
+
+
+def record_rps(address: str, models: Sequence[str], duration_s: float, tag: str) -> dict[str, Any]:
+    rng = np.random.default_rng(13)
+    embs = unit_rows(rng, 64)
+    run = f"{tag}-{int(time.time())}"
+
+    async def call(stub: Any, w: int, i: int) -> Any:
+        user = f"bench-rec-{run}-{w:02d}" if i >= 0 else f"bench-rec-{run}-warm"
+        return await stub.RecordResponse(
+            record_request(user, max(i, 0), models, embs[max(i, 0) % len(embs)]), timeout=60
+        )
+
+    return asyncio.run(
+        closed_loop(address, call, router_pb2_grpc.RouterServiceStub, CONCURRENCY, duration_s)
+    )
+
+
+# -- Neo4j -------------------------------------------------------------------------------------
+
+
+def neo4j_env() -> dict[str, str]:
+    env = {
+        **os.environ,
+        "NEO4J_HOME_DIR": str(NEO4J_HOME),
+        "NEO4J_BOLT_PORT": str(NEO4J_BOLT_PORT),
+        "NEO4J_HTTP_PORT": str(NEO4J_HTTP_PORT),
+    }
+    env.pop("NEO4J_PASSWORD", None)
+    return env
+
+
+def neo4j_start() -> subprocess.Popen[bytes]:
+    """Start a fresh local Neo4j (its data folder is wiped first) in the background."""
+    neo4j_stop()
+    shutil.rmtree(NEO4J_HOME / "data", ignore_errors=True)
+    return subprocess.Popen(
+        [str(REPO / "tools" / "neo4j" / "neo4j.sh"), "start"],
+        cwd=REPO,
+        env=neo4j_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=(WORK / "neo4j-start.log").open("wb"),
+    )
+
+
+def neo4j_stop() -> None:
+    subprocess.run(
+        [str(REPO / "tools" / "neo4j" / "neo4j.sh"), "stop"],
+        cwd=REPO,
+        env=neo4j_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def neo4j_version(uri: str) -> str | None:
+    from neo4j import GraphDatabase
+
+    try:
+        with GraphDatabase.driver(uri, auth=None) as d:
+            rec = d.execute_query("CALL dbms.components() YIELD versions RETURN versions[0] AS v")
+            return str(rec.records[0]["v"])
+    except Exception:
+        return None
+
+
+# -- machine -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem_gb = round(kb / 1024 / 1024, 1)
+
+    def v(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "cpu": cpu,
+        "memory_gb": mem_gb,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {
+            p: v(p)
+            for p in (
+                "grpcio",
+                "torch",
+                "torch-geometric",
+                "sentence-transformers",
+                "neo4j",
+                "neo4j-rust-ext",
+                "numpy",
+                "protobuf",
+            )
+        },
+    }
+
+
+def _cpu_totals() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs of the machine, from /proc/stat."""
+    parts = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = parts[3] + parts[4]
+    return sum(parts) - idle, sum(parts)
+
+
+def with_cpu(server: Server, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run a closed loop; add CPU per call of the server and of this client, and how many
+    cores the whole machine kept busy meanwhile (other work on the machine included)."""
+    s0, c0, (b0, t0) = server.cpu_s(), time.process_time(), _cpu_totals()
+    out = run()
+    s1, c1, (b1, t1) = server.cpu_s(), time.process_time(), _cpu_totals()
+    calls = max(int(out["calls"]), 1)
+    out["cpu_ms_per_call"] = {
+        "server": round((s1 - s0) * 1e3 / calls, 3),
+        "client": round((c1 - c0) * 1e3 / calls, 3),
+    }
+    out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
+    return out
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"))
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    ap.add_argument("--no-neo4j", action="store_true", help="skip the Neo4j figures")
+    ap.add_argument("--train-steps", type=int, default=60)
+    args = ap.parse_args(argv)
+    n = 300 if args.quick else 1000
+    n_small = 100 if args.quick else 300
+    dur = 3.0 if args.quick else 8.0
+
+    t_start = time.perf_counter()
+    WORK.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    result: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+    neo = None if args.no_neo4j else neo4j_start()
+    try:
+        result["checkpoint"] = ensure_checkpoint(args.train_steps)
+        models, version = checkpoint_models()
+        cands = models[:4]
+        result["checkpoint"].update({"version": version, "candidates": cands})
+
+        # -- embedded store: preload, serve ---------------------------------------------------
+        from graphstore.sqlite_store import SQLiteGraphStore
+
+        db = WORK / "graph.db"
+        for p in WORK.glob("graph.db*"):
+            p.unlink()
+        users = {"bench-u50": MAIN_HISTORY}
+        users.update({f"bench-h{k}": k for k in HISTORY_SIZES})
+        users.update({f"bench-c{w:02d}": MAIN_HISTORY for w in range(CONCURRENCY)})
+        t0 = time.perf_counter()
+        written = asyncio.run(preload(SQLiteGraphStore(db, DIM), users, cands))
+        log(f"preloaded {written} interactions into SQLite in {time.perf_counter() - t0:.1f}s")
+
+        srv = Server("sqlite", f"sqlite:///{db}", server_config())
+        with running(srv):
+            with grpc.insecure_channel(srv.address) as ch:
+                log("select (embedding) ...")
+                main_block = select_block(ch, "bench-u50", cands, n)
+                log("select (text) ...")
+                text_block = select_block(ch, "bench-u50", cands, n_small, texts=True, warm=20)
+                log("history scaling ...")
+                scaling = {
+                    str(k): select_block(ch, f"bench-h{k}", cands, n_small) for k in HISTORY_SIZES
+                }
+                # every throughput user in the cache before the clock starts
+                stub = router_pb2_grpc.RouterServiceStub(ch)
+                one = unit_rows(np.random.default_rng(3), 1)[0]
+                for w in range(CONCURRENCY):
+                    stub.Select(select_request(f"bench-c{w:02d}", cands, one))
+            log("throughput c32 ...")
+            h_rps = with_cpu(srv, lambda: health_rps(srv.address, dur))
+            s_rps = with_cpu(srv, lambda: select_rps(srv.address, cands, dur))
+            log("record c32 (SQLite) ...")
+            r_rps_sqlite = with_cpu(srv, lambda: record_rps(srv.address, cands, dur / 2, "sqlite"))
+            rss_sqlite = srv.peak_rss_mb()
+
+        sel = main_block["select"]
+        hl = main_block["health"]
+        result.update(
+            {
+                "health_p50_ms": hl["p50_ms"],
+                "select_p50_ms": sel["p50_ms"],
+                "select_p99_ms": sel["p99_ms"],
+                "ratio_select_to_health": round(sel["p50_ms"] / hl["p50_ms"], 2),
+                "select_text_p50_ms": text_block["select"]["p50_ms"],
+                "throughput_rps_c32": s_rps["rps"],
+                "history_scaling": {k: b["select"]["p50_ms"] for k, b in scaling.items()},
+            }
+        )
+        result["history_scaling_ratio_10000_to_10"] = round(
+            scaling["10000"]["select"]["p50_ms"] / scaling["10"]["select"]["p50_ms"], 2
+        )
+        detail: dict[str, Any] = {
+            "select": main_block,
+            "select_text": text_block,
+            "history_scaling": scaling,
+            "throughput_c32": {"select": s_rps, "health_baseline": h_rps},
+            "record_c32_sqlite": r_rps_sqlite,
+        }
+
+        # -- Neo4j ----------------------------------------------------------------------------
+        rss_neo = None
+        if neo is not None:
+            rc = neo.wait(timeout=300)
+            if rc != 0:
+                raise RuntimeError(
+                    "neo4j did not start: " + (WORK / "neo4j-start.log").read_text()[-2000:]
+                )
+            from graphstore.factory import Neo4jCredentials
+            from graphstore.neo4j_store import Neo4jGraphStore
+
+            uri = f"bolt://127.0.0.1:{NEO4J_BOLT_PORT}"
+            result["machine"]["versions"]["neo4j-server"] = neo4j_version(uri)
+            t0 = time.perf_counter()
+            asyncio.run(
+                preload(
+                    Neo4jGraphStore(uri, Neo4jCredentials("neo4j", "", "neo4j"), DIM),
+                    {"bench-u50": MAIN_HISTORY},
+                    cands,
+                )
+            )
+            log(f"preloaded Neo4j in {time.perf_counter() - t0:.1f}s")
+            nsrv = Server("neo4j", uri, server_config())
+            with running(nsrv):
+                with grpc.insecure_channel(nsrv.address) as ch:
+                    log("select (Neo4j) ...")
+                    # the JVM compiles its hot paths in the first hundreds of calls
+                    neo_block = select_block(ch, "bench-u50", cands, n_small * 2, warm=300)
+                log("record c32 (Neo4j) ...")
+                r_warm = record_rps(nsrv.address, cands, dur / 2, "neo4j-warm-up")
+                r_rps = with_cpu(nsrv, lambda: record_rps(nsrv.address, cands, dur, "neo4j"))
+                rss_neo = nsrv.peak_rss_mb()
+            result["select_neo4j_p50_ms"] = neo_block["select"]["p50_ms"]
+            result["record_rps_neo4j"] = r_rps["rps"]
+            detail["select_neo4j"] = neo_block
+            detail["record_c32_neo4j"] = {**r_rps, "warm_up_before": r_warm}
+        else:
+            result["select_neo4j_p50_ms"] = None
+            result["record_rps_neo4j"] = None
+
+        result["rss_mb"] = max(x for x in (rss_sqlite, rss_neo) if x is not None)
+        result["rss_mb_by_server"] = {"sqlite": rss_sqlite, "neo4j": rss_neo}
+        result["detail"] = detail
+    finally:
+        if neo is not None:
+            with contextlib.suppress(Exception):
+                neo.wait(timeout=300)
+            neo4j_stop()
+    result["loadavg_start"] = [round(x, 2) for x in load_start]
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["bench_seconds"] = round(time.perf_counter() - t_start, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {out} in {result['bench_seconds']} s")
+    keys = [k for k in result if k not in ("detail", "machine", "checkpoint")]
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
