@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -157,27 +157,38 @@ def normalise_rating(value: float, scale_min: float, scale_max: float) -> float:
     return (value - scale_min) / (scale_max - scale_min)
 
 
-def pair_counts_from(interactions: Sequence[Interaction]) -> list[PairCount]:
-    """Aggregate the comparisons among ``interactions`` into per-pair win counts.
+def pair_deltas(comparisons: Iterable[tuple[str, str, bool]]) -> list[PairCount]:
+    """Win counts that ``(winner_model, loser_model, tie)`` comparisons add, per model pair.
+
+    ``model_a < model_b``; a win adds 1 to the winner's side, a tie 0.5 to each side; a
+    comparison of a model with itself adds nothing.
 
     Returns:
-        One :class:`PairCount` per unordered model pair seen, sorted by names.
+        One :class:`PairCount` per pair, sorted by names.
     """
     acc: dict[tuple[str, str], list[float]] = {}
-    for it in interactions:
-        c = it.comparison
-        if c is None or c.winner_model == c.loser_model:
+    for winner, loser, tie in comparisons:
+        if winner == loser:
             continue
-        a, b = sorted((c.winner_model, c.loser_model))
+        a, b = sorted((winner, loser))
         cell = acc.setdefault((a, b), [0.0, 0.0])
-        if c.tie:
+        if tie:
             cell[0] += 0.5
             cell[1] += 0.5
-        elif c.winner_model == a:
+        elif winner == a:
             cell[0] += 1.0
         else:
             cell[1] += 1.0
     return [PairCount(a, b, w[0], w[1]) for (a, b), w in sorted(acc.items())]
+
+
+def pair_counts_from(interactions: Sequence[Interaction]) -> list[PairCount]:
+    """Aggregate the comparisons among ``interactions`` into per-pair win counts."""
+    return pair_deltas(
+        (c.winner_model, c.loser_model, c.tie)
+        for c in (it.comparison for it in interactions)
+        if c is not None
+    )
 
 
 def check_interaction(it: Interaction, embedding_dim: int) -> None:

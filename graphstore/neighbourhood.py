@@ -193,3 +193,19 @@ def assemble_neighbourhood(
         turn_index=turn_index,
         version=version,
     )
+
+
+def check_sampling(hops: int, fan_out: Sequence[int]) -> list[int]:
+    """Validate k-hop sampling arguments (shared by every store).
+
+    Returns:
+        ``fan_out`` as a list of ints.
+
+    Raises:
+        ValueError: ``hops`` outside 1–4, or fewer than 3 / negative ``fan_out`` entries.
+    """
+    if not 1 <= hops <= 4:
+        raise ValueError(f"hops (got {hops}) must be in 1..4")
+    if len(fan_out) < 3 or any(f < 0 for f in fan_out):
+        raise ValueError(f"fan_out (got {list(fan_out)}) needs 3+ non-negative entries")
+    return [int(f) for f in fan_out]

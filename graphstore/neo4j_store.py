@@ -65,14 +65,22 @@ from neo4j.api import AsyncBookmarkManager
 
 from graphstore.errors import StoreUnavailableError
 from graphstore.factory import Neo4jCredentials
-from graphstore.interactions import Interaction, PairCount, RecordResult, check_interaction
+from graphstore.interactions import (
+    Interaction,
+    PairCount,
+    RecordResult,
+    check_interaction,
+    pair_counts_from,
+    pair_deltas,
+)
 from graphstore.neighbourhood import (
     Neighbourhood,
     TurnRow,
     assemble_neighbourhood,
+    check_sampling,
     link_previous_turns,
 )
-from graphstore.store import EMPTY_PAIR_GAMES, GraphStore, pair_deltas
+from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
 
 log = logging.getLogger(__name__)
 
@@ -382,23 +390,9 @@ class _Plan:
         return rows
 
     def pairs(self) -> list[dict[str, Any]]:
-        acc: dict[tuple[str, str], list[float]] = {}
-        for it in self.new:
-            c = it.comparison
-            if c is None or c.winner_model == c.loser_model:
-                continue
-            a, b = sorted((c.winner_model, c.loser_model))
-            cell = acc.setdefault((a, b), [0.0, 0.0])
-            if c.tie:
-                cell[0] += 0.5
-                cell[1] += 0.5
-            elif c.winner_model == a:
-                cell[0] += 1.0
-            else:
-                cell[1] += 1.0
         return [
-            {"model_a": a, "model_b": b, "wins_a": w[0], "wins_b": w[1]}
-            for (a, b), w in sorted(acc.items())
+            {"model_a": p.model_a, "model_b": p.model_b, "wins_a": p.wins_a, "wins_b": p.wins_b}
+            for p in pair_counts_from(self.new)
         ]
 
     def sessions(self) -> list[dict[str, str]]:
@@ -698,11 +692,7 @@ class Neo4jGraphStore(GraphStore):
         self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
     ) -> Neighbourhood:
         """See :meth:`GraphStore.neighbourhood`. All hops run in one read transaction."""
-        if not 1 <= hops <= 4:
-            raise ValueError(f"hops (got {hops}) must be in 1..4")
-        if len(fan_out) < 3 or any(f < 0 for f in fan_out):
-            raise ValueError(f"fan_out (got {list(fan_out)}) needs 3+ non-negative entries")
-        caps = [int(f) for f in fan_out]
+        caps = check_sampling(hops, fan_out)
 
         async def work(
             tx: AsyncManagedTransaction,

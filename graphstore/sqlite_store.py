@@ -25,9 +25,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from graphstore.errors import StoreUnavailableError
-from graphstore.interactions import Interaction, PairCount, RecordResult, check_interaction
-from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood
-from graphstore.store import EMPTY_PAIR_GAMES, GraphStore, pair_deltas
+from graphstore.interactions import (
+    Interaction,
+    PairCount,
+    RecordResult,
+    check_interaction,
+    pair_deltas,
+)
+from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood, check_sampling
+from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
 
 T = TypeVar("T")
 
@@ -321,11 +327,8 @@ class SQLiteGraphStore(GraphStore):
         self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
     ) -> Neighbourhood:
         """See :meth:`GraphStore.neighbourhood`."""
-        if not 1 <= hops <= 4:
-            raise ValueError(f"hops (got {hops}) must be in 1..4")
-        if len(fan_out) < 3 or any(f < 0 for f in fan_out):
-            raise ValueError(f"fan_out (got {list(fan_out)}) needs 3+ non-negative entries")
-        return await self._run(lambda: self._neighbourhood_sync(user_id, hops, list(fan_out)))
+        caps = check_sampling(hops, fan_out)
+        return await self._run(lambda: self._neighbourhood_sync(user_id, hops, caps))
 
     def _neighbourhood_sync(self, user_id: str, hops: int, fan_out: list[int]) -> Neighbourhood:
         conn = self._db()

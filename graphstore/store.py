@@ -10,38 +10,13 @@ one store.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from graphstore.interactions import Interaction, PairCount, RecordResult
 from graphstore.neighbourhood import Neighbourhood
 
 #: A pair count at or below this many games (on both sides) is removed by ``delete_user``.
 EMPTY_PAIR_GAMES = 1e-9
-
-
-def pair_deltas(comparisons: Iterable[tuple[str, str, bool]]) -> list[PairCount]:
-    """Win counts that ``(winner_model, loser_model, tie)`` comparisons added, per model pair.
-
-    The same rule as recording: ``model_a < model_b``; a win adds 1 to the winner's side, a
-    tie 0.5 to each side; a comparison of a model with itself adds nothing.
-
-    Returns:
-        One :class:`PairCount` per pair, sorted by names.
-    """
-    acc: dict[tuple[str, str], list[float]] = {}
-    for winner, loser, tie in comparisons:
-        if winner == loser:
-            continue
-        a, b = sorted((winner, loser))
-        cell = acc.setdefault((a, b), [0.0, 0.0])
-        if tie:
-            cell[0] += 0.5
-            cell[1] += 0.5
-        elif winner == a:
-            cell[0] += 1.0
-        else:
-            cell[1] += 1.0
-    return [PairCount(a, b, w[0], w[1]) for (a, b), w in sorted(acc.items())]
 
 
 class GraphStore(abc.ABC):

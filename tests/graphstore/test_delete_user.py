@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import pytest
 from neo4j import GraphDatabase
 
-from graphstore.interactions import Comparison, PairCount
+from graphstore.interactions import Comparison, PairCount, pair_deltas
 from graphstore.neo4j_store import Neo4jGraphStore
 from graphstore.sqlite_store import SQLiteGraphStore
-from graphstore.store import GraphStore, pair_deltas
+from graphstore.store import GraphStore
 from tests.graphstore.test_store_contract import DIM, make
 
 if TYPE_CHECKING:
