@@ -122,13 +122,11 @@ def test_personalized_select_from_served_checkpoint(
     assert g1_writing.selected_model == "A", dict(g1_writing.all_scores)
 
 
-def test_checkpoint_mismatch_fails_at_start(checkpoint: Path, tmp_path: Path) -> None:
+def _serve_with(config_yaml: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``gmtrouter serve`` with this configuration; it is expected to exit at start."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        "decision:\n  algorithm:\n    gmtrouter:\n"
-        f"      hidden_dim: 128\n      model_path: {checkpoint}\n"
-    )
-    proc = subprocess.run(
+    cfg.write_text(config_yaml)
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -145,6 +143,14 @@ def test_checkpoint_mismatch_fails_at_start(checkpoint: Path, tmp_path: Path) ->
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_checkpoint_mismatch_fails_at_start(checkpoint: Path, tmp_path: Path) -> None:
+    proc = _serve_with(
+        "decision:\n  algorithm:\n    gmtrouter:\n"
+        f"      hidden_dim: 128\n      model_path: {checkpoint}\n",
+        tmp_path,
     )
     assert proc.returncode == 1
     assert (
@@ -153,25 +159,8 @@ def test_checkpoint_mismatch_fails_at_start(checkpoint: Path, tmp_path: Path) ->
 
 
 def test_missing_checkpoint_fails_at_start(tmp_path: Path) -> None:
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("decision:\n  algorithm:\n    gmtrouter:\n      model_path: /nonexistent.pt\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--config",
-            str(cfg),
-            "--store",
-            f"sqlite:///{tmp_path}/x.db",
-            "--port",
-            "0",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = _serve_with(
+        "decision:\n  algorithm:\n    gmtrouter:\n      model_path: /nonexistent.pt\n", tmp_path
     )
     assert proc.returncode == 1
     assert "/nonexistent.pt does not exist" in proc.stderr
