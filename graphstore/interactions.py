@@ -108,6 +108,33 @@ class Interaction:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RecordedComparison:
+    """A stored pairwise comparison, as online fine-tuning reads it back.
+
+    Attributes:
+        interaction_id: The interaction's id.
+        user_id: End-user id.
+        session_id: Conversation id.
+        turn_index: Turn position inside the session.
+        query_embedding: float32 ``[D]``.
+        winner_model: The preferred model (the first of the two for a tie).
+        loser_model: The other model.
+        tie: True when neither was preferred.
+        timestamp_s: Unix time in seconds.
+    """
+
+    interaction_id: str
+    user_id: str
+    session_id: str
+    turn_index: int
+    query_embedding: npt.NDArray[np.float32]
+    winner_model: str
+    loser_model: str
+    tie: bool
+    timestamp_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RecordResult:
     """What the store did with one interaction.
 

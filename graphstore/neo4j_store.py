@@ -25,6 +25,12 @@ Relationships
     :func:`graphstore.neighbourhood.link_previous_turns`, kept up to date on every write),
     ``(:PairCount)-[:MODEL_A]->(:LLM)``, ``(:PairCount)-[:MODEL_B]->(:LLM)``.
 
+Online learning (``graphstore/registry.py``), outside the interaction graph
+    ``(:ModelWeights {version, base_version, seq, interactions, created_at, metrics, blob})`` —
+    published fine-tuned weights (``blob``: checkpoint bytes); ``(:ModelRegistry {name, seq})``
+    numbers the publications; ``(:TrainerLease {name, holder, expires_at})`` elects the trainer
+    (``expires_at`` in ms of the database's clock).
+
 Uniqueness constraints (created idempotently by :meth:`Neo4jGraphStore.open`) on
 ``User.user_id``, ``LLM.name``, ``Query.interaction_id``, ``Query.idempotency_key``,
 ``Response.response_id``, ``Turn.turn_id`` and ``PairCount(model_a, model_b)``; range indexes
@@ -68,6 +74,7 @@ from graphstore.factory import Neo4jCredentials
 from graphstore.interactions import (
     Interaction,
     PairCount,
+    RecordedComparison,
     RecordResult,
     check_interaction,
     pair_counts_from,
@@ -80,6 +87,7 @@ from graphstore.neighbourhood import (
     check_sampling,
     link_previous_turns,
 )
+from graphstore.registry import KEEP_PUBLISHED, PublishedModel
 from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,15 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX turn_llm_ts IF NOT EXISTS FOR (t:Turn) ON (t.llm, t.ts)",
     "CREATE INDEX turn_user_session IF NOT EXISTS FOR (t:Turn) ON (t.user_id, t.session_id)",
     "CREATE INDEX query_user IF NOT EXISTS FOR (q:Query) ON (q.user_id)",
+    # online learning (graphstore/registry.py)
+    "CREATE INDEX query_ts IF NOT EXISTS FOR (q:Query) ON (q.ts)",
+    "CREATE CONSTRAINT model_weights_version IF NOT EXISTS "
+    "FOR (w:ModelWeights) REQUIRE w.version IS UNIQUE",
+    "CREATE INDEX model_weights_seq IF NOT EXISTS FOR (w:ModelWeights) ON (w.seq)",
+    "CREATE CONSTRAINT trainer_lease_name IF NOT EXISTS "
+    "FOR (l:TrainerLease) REQUIRE l.name IS UNIQUE",
+    "CREATE CONSTRAINT model_registry_name IF NOT EXISTS "
+    "FOR (r:ModelRegistry) REQUIRE r.name IS UNIQUE",
 )
 
 _TURN_MAP = "{.turn_id, .interaction_id, .user_id, .session_id, .turn_index, .llm, .outcome, .ts}"
@@ -767,3 +784,165 @@ class Neo4jGraphStore(GraphStore):
         out: dict[str, int] = await self._read(work, "counts")
         out["interaction"] = out["query"]
         return out
+
+    # -- online learning ---------------------------------------------------------------------
+
+    async def _write(self, work: Any, what: str) -> Any:
+        try:
+            async with self._session() as session:
+                return await session.execute_write(work)
+        except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+            raise self._unavailable(exc, what) from exc
+
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """See :meth:`GraphStore.recent_comparisons` (the ``Query.ts`` index orders them)."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+
+        async def work(tx: AsyncManagedTransaction) -> list[RecordedComparison]:
+            result = await tx.run(_RECENT_COMPARISONS, limit=limit)
+            return [
+                RecordedComparison(
+                    interaction_id=r["id"],
+                    user_id=r["user_id"],
+                    session_id=r["session_id"],
+                    turn_index=int(r["turn_index"]),
+                    query_embedding=np.frombuffer(bytes(r["embedding"]), dtype="<f4").astype(
+                        np.float32
+                    ),
+                    winner_model=r["winner"],
+                    loser_model=r["loser"],
+                    tie=bool(r["tie"]),
+                    timestamp_s=float(r["ts"]),
+                )
+                async for r in result
+            ]
+
+        rows: list[RecordedComparison] = await self._read(work, "recent_comparisons")
+        return rows
+
+    @staticmethod
+    def _published(r: Any) -> PublishedModel:
+        return PublishedModel(
+            version=r["version"],
+            base_version=r["base_version"],
+            seq=int(r["seq"]),
+            interactions=int(r["interactions"]),
+            created_at_s=float(r["created_at"]),
+            metrics=r["metrics"],
+        )
+
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """See :meth:`GraphStore.publish_model`. The registry node serialises publishers."""
+
+        async def work(tx: AsyncManagedTransaction) -> PublishedModel:
+            rec = await (
+                await tx.run(
+                    _PUBLISH_MODEL,
+                    version=model.version,
+                    base_version=model.base_version,
+                    interactions=model.interactions,
+                    metrics=model.metrics,
+                    blob=blob,
+                    keep=KEEP_PUBLISHED,
+                )
+            ).single(strict=True)
+            return self._published(rec)
+
+        published: PublishedModel = await self._write(work, "publish_model")
+        return published
+
+    async def latest_model(self) -> PublishedModel | None:
+        """See :meth:`GraphStore.latest_model`."""
+
+        async def work(tx: AsyncManagedTransaction) -> PublishedModel | None:
+            rec = await (await tx.run(_LATEST_MODEL)).single()
+            return None if rec is None else self._published(rec)
+
+        latest: PublishedModel | None = await self._read(work, "latest_model")
+        return latest
+
+    async def load_model(self, version: str) -> bytes | None:
+        """See :meth:`GraphStore.load_model`."""
+
+        async def work(tx: AsyncManagedTransaction) -> bytes | None:
+            rec = await (
+                await tx.run(
+                    "MATCH (w:ModelWeights {version: $version}) RETURN w.blob AS blob",
+                    version=version,
+                )
+            ).single()
+            return None if rec is None else bytes(rec["blob"])
+
+        blob: bytes | None = await self._read(work, "load_model")
+        return blob
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """See :meth:`GraphStore.acquire_lease` (expiry by the database's clock)."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s (got {ttl_s}) must be > 0")
+
+        async def work(tx: AsyncManagedTransaction) -> bool:
+            rec = await (
+                await tx.run(_ACQUIRE_LEASE, name=name, holder=holder, ttl_ms=int(ttl_s * 1000))
+            ).single(strict=True)
+            return bool(rec["mine"])
+
+        mine: bool = await self._write(work, "acquire_lease")
+        return mine
+
+
+_RECENT_COMPARISONS = """
+MATCH (q:Query)
+WHERE q.ts IS NOT NULL AND q.winner_model IS NOT NULL AND q.loser_model IS NOT NULL
+RETURN q.interaction_id AS id, q.user_id AS user_id, q.session_id AS session_id,
+       q.turn_index AS turn_index, q.embedding AS embedding, q.winner_model AS winner,
+       q.loser_model AS loser, q.tie AS tie, q.ts AS ts
+ORDER BY q.ts DESC, q.interaction_id DESC
+LIMIT $limit
+"""
+
+_PUBLISHED_FIELDS = (
+    "w.version AS version, w.base_version AS base_version, w.seq AS seq, "
+    "w.interactions AS interactions, w.created_at AS created_at, w.metrics AS metrics"
+)
+
+# Lock the registry node first (MERGE + SET takes its write lock), so concurrent publishers
+# are serialised and sequence numbers never repeat; an existing version is returned as is.
+_PUBLISH_MODEL = f"""
+MERGE (r:ModelRegistry {{name: 'gmtrouter'}})
+ON CREATE SET r.seq = 0
+SET r.locked_at = timestamp()
+WITH r
+OPTIONAL MATCH (old:ModelWeights {{version: $version}})
+CALL (r, old) {{
+  WITH r, old WHERE old IS NULL
+  SET r.seq = r.seq + 1
+  CREATE (w:ModelWeights {{version: $version, base_version: $base_version, seq: r.seq,
+          interactions: $interactions, created_at: timestamp() / 1000.0, metrics: $metrics,
+          blob: $blob}})
+  WITH r
+  MATCH (stale:ModelWeights) WHERE stale.seq <= r.seq - $keep
+  DETACH DELETE stale
+}}
+MATCH (w:ModelWeights {{version: $version}})
+RETURN {_PUBLISHED_FIELDS}
+"""
+
+_LATEST_MODEL = f"""
+MATCH (w:ModelWeights) WHERE w.seq IS NOT NULL
+RETURN {_PUBLISHED_FIELDS}
+ORDER BY w.seq DESC LIMIT 1
+"""
+
+# Taken when free, expired or already the caller's; the MERGE locks the node, so callers
+# queue behind each other.
+_ACQUIRE_LEASE = """
+MERGE (l:TrainerLease {name: $name})
+ON CREATE SET l.holder = $holder, l.expires_at = 0
+WITH l, timestamp() AS now
+WITH l, now, (l.holder = $holder OR l.expires_at < now) AS take
+SET l.holder = CASE WHEN take THEN $holder ELSE l.holder END,
+    l.expires_at = CASE WHEN take THEN now + $ttl_ms ELSE l.expires_at END
+RETURN l.holder = $holder AS mine
+"""

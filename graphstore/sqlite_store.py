@@ -8,7 +8,8 @@ Tables (the graph of the seed, "Graph Structure"): ``users`` (user nodes with a 
 version), ``llms`` (LLM nodes), ``interactions`` (one query node per row, with the raw
 feedback), ``turns`` (one turn node and its response node per outcome: the turn's user,
 session, step, LLM and outcome), ``pair_counts`` (pairwise win counts kept in the same
-transaction, for the Bradley–Terry prior).
+transaction, for the Bradley–Terry prior); ``published_models`` and ``leases`` hold the
+shared state of online learning (``graphstore/registry.py``).
 
 All SQLite calls run on one dedicated thread, never on the event loop. Concurrent
 ``record`` calls are committed together (group commit): a call returns only after the
@@ -20,19 +21,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 from graphstore.errors import StoreUnavailableError
 from graphstore.interactions import (
     Interaction,
     PairCount,
+    RecordedComparison,
     RecordResult,
     check_interaction,
     pair_deltas,
 )
 from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood, check_sampling
+from graphstore.registry import KEEP_PUBLISHED, PublishedModel
 from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
 
 T = TypeVar("T")
@@ -74,6 +80,21 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_by_user ON turns(user_id, ts DESC, turn_id DESC);
 CREATE INDEX IF NOT EXISTS turns_by_llm ON turns(llm, ts DESC, turn_id DESC);
 CREATE INDEX IF NOT EXISTS interactions_by_user ON interactions(user_id);
+CREATE INDEX IF NOT EXISTS interactions_by_ts ON interactions(ts DESC);
+CREATE TABLE IF NOT EXISTS published_models (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    version TEXT NOT NULL UNIQUE,
+    base_version TEXT NOT NULL,
+    interactions INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    metrics TEXT NOT NULL,
+    blob BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pair_counts (
     model_a TEXT NOT NULL,
     model_b TEXT NOT NULL,
@@ -424,3 +445,155 @@ class SQLiteGraphStore(GraphStore):
             }
 
         return await self._run(read)
+
+    # -- online learning ---------------------------------------------------------------------
+
+    async def _guarded(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return await self._run(fn)
+        except StoreUnavailableError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"SQLite {what} failed: {exc}") from exc
+
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """See :meth:`GraphStore.recent_comparisons`."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+
+        def read() -> list[RecordedComparison]:
+            rows = self._db().execute(
+                "SELECT interaction_id, user_id, session_id, turn_index, query_embedding, "
+                "winner_model, loser_model, tie, ts FROM interactions "
+                "WHERE winner_model IS NOT NULL AND loser_model IS NOT NULL "
+                "ORDER BY ts DESC, interaction_id DESC LIMIT ?",
+                (limit,),
+            )
+            return [
+                RecordedComparison(
+                    interaction_id=i,
+                    user_id=u,
+                    session_id=s,
+                    turn_index=int(t),
+                    query_embedding=np.frombuffer(e, dtype="<f4").astype(np.float32),
+                    winner_model=w,
+                    loser_model=lo,
+                    tie=bool(tie),
+                    timestamp_s=float(ts),
+                )
+                for i, u, s, t, e, w, lo, tie, ts in rows
+            ]
+
+        return await self._guarded(read, "recent_comparisons")
+
+    @staticmethod
+    def _published(row: tuple[Any, ...]) -> PublishedModel:
+        seq, version, base, n, created, metrics = row
+        return PublishedModel(
+            version=str(version),
+            base_version=str(base),
+            seq=int(seq),
+            interactions=int(n),
+            created_at_s=float(created),
+            metrics=str(metrics),
+        )
+
+    _PUBLISHED_COLUMNS = "seq, version, base_version, interactions, created_at, metrics"
+
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """See :meth:`GraphStore.publish_model`."""
+
+        def write() -> PublishedModel:
+            conn = self._db()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(
+                    f"SELECT {self._PUBLISHED_COLUMNS} FROM published_models WHERE version = ?",
+                    (model.version,),
+                ).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO published_models(version, base_version, interactions, "
+                        "created_at, metrics, blob) VALUES (?,?,?,?,?,?)",
+                        (
+                            model.version,
+                            model.base_version,
+                            model.interactions,
+                            time.time(),
+                            model.metrics,
+                            blob,
+                        ),
+                    )
+                    conn.execute(
+                        "DELETE FROM published_models WHERE seq NOT IN "
+                        "(SELECT seq FROM published_models ORDER BY seq DESC LIMIT ?)",
+                        (KEEP_PUBLISHED,),
+                    )
+                    row = conn.execute(
+                        f"SELECT {self._PUBLISHED_COLUMNS} FROM published_models WHERE version = ?",
+                        (model.version,),
+                    ).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return self._published(row)
+
+        return await self._guarded(write, "publish_model")
+
+    async def latest_model(self) -> PublishedModel | None:
+        """See :meth:`GraphStore.latest_model`."""
+
+        def read() -> PublishedModel | None:
+            row = (
+                self._db()
+                .execute(
+                    f"SELECT {self._PUBLISHED_COLUMNS} FROM published_models "
+                    "ORDER BY seq DESC LIMIT 1"
+                )
+                .fetchone()
+            )
+            return None if row is None else self._published(row)
+
+        return await self._guarded(read, "latest_model")
+
+    async def load_model(self, version: str) -> bytes | None:
+        """See :meth:`GraphStore.load_model`."""
+
+        def read() -> bytes | None:
+            row = (
+                self._db()
+                .execute("SELECT blob FROM published_models WHERE version = ?", (version,))
+                .fetchone()
+            )
+            return None if row is None else bytes(row[0])
+
+        return await self._guarded(read, "load_model")
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """See :meth:`GraphStore.acquire_lease` (expiry by this host's clock)."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s (got {ttl_s}) must be > 0")
+
+        def write() -> bool:
+            conn = self._db()
+            now = time.time()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO leases(name, holder, expires_at) VALUES (?,?,?) "
+                    "ON CONFLICT(name) DO UPDATE SET holder = excluded.holder, "
+                    "expires_at = excluded.expires_at "
+                    "WHERE leases.holder = excluded.holder OR leases.expires_at < ?",
+                    (name, holder, now + ttl_s, now),
+                )
+                row = conn.execute("SELECT holder FROM leases WHERE name = ?", (name,)).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return bool(row is not None and row[0] == holder)
+
+        return await self._guarded(write, "acquire_lease")

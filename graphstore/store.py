@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
 from graphstore.neighbourhood import Neighbourhood
+from graphstore.registry import PublishedModel
 
 #: A pair count at or below this many games (on both sides) is removed by ``delete_user``.
 EMPTY_PAIR_GAMES = 1e-9
@@ -114,4 +115,62 @@ class GraphStore(abc.ABC):
 
         Raises:
             StoreUnavailableError: the database failed; nothing was deleted.
+        """
+
+    # -- online learning (graphstore/registry.py) ----------------------------------------------
+
+    @abc.abstractmethod
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """The ``limit`` most recent pairwise comparisons (by timestamp), newest first.
+
+        Raises:
+            ValueError: ``limit`` < 1.
+            StoreUnavailableError: the database failed.
+        """
+
+    @abc.abstractmethod
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """Store fine-tuned weights (``blob``: checkpoint bytes) as the newest publication.
+
+        Assigns the next ``seq`` and deletes all but the newest
+        :data:`graphstore.registry.KEEP_PUBLISHED` publications, in one transaction.
+        Idempotent on ``model.version``: publishing a stored version again returns the stored
+        metadata and writes nothing.
+
+        Returns:
+            The stored metadata (with its ``seq``).
+
+        Raises:
+            StoreUnavailableError: the database failed; nothing was written.
+        """
+
+    @abc.abstractmethod
+    async def latest_model(self) -> PublishedModel | None:
+        """Metadata of the newest publication (highest ``seq``), or None. One indexed read.
+
+        Raises:
+            StoreUnavailableError: the database failed.
+        """
+
+    @abc.abstractmethod
+    async def load_model(self, version: str) -> bytes | None:
+        """The checkpoint bytes of a publication, or None when it is not (or no longer) stored.
+
+        Raises:
+            StoreUnavailableError: the database failed.
+        """
+
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` for ``ttl_s`` seconds.
+
+        Succeeds when the lease is free, expired, or already ``holder``'s; atomic, so of
+        several concurrent callers at most one holds an unexpired lease.
+
+        Returns:
+            True when ``holder`` now holds the lease.
+
+        Raises:
+            ValueError: ``ttl_s`` <= 0.
+            StoreUnavailableError: the database failed.
         """

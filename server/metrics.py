@@ -13,6 +13,8 @@ over HTTP on ``server.metrics_port``. Series (all prefixed ``gmtrouter_``):
   ``sum(rate(...{method=~".*cold_start"})) / sum(rate(...))``.
 * ``model_info{model_version}`` (always 1): the scoring model version of the latest Select.
 * ``users_deleted_total``: successful DeleteUser calls.
+* ``fine_tune_rounds_total{outcome}``, ``model_swaps_total{source}`` and ``trainer`` (0/1):
+  online learning (``server/learning.py``).
 * the ``process_*``, ``python_gc_*`` and ``python_info`` collectors of prometheus-client.
 """
 
@@ -37,8 +39,9 @@ from prometheus_client import (
 )
 
 from gmtrouter.v1 import router_pb2 as pb
-from graphstore.interactions import Interaction, PairCount, RecordResult
+from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
 from graphstore.neighbourhood import Neighbourhood
+from graphstore.registry import PublishedModel
 from graphstore.store import GraphStore
 
 log = structlog.get_logger(__name__)
@@ -121,6 +124,24 @@ class Metrics:
         )
         self.users_deleted = Counter(
             "gmtrouter_users_deleted", "Successful DeleteUser calls.", registry=r
+        )
+        self.fine_tune_rounds = Counter(
+            "gmtrouter_fine_tune_rounds",
+            "Online fine-tuning rounds run by this replica, by outcome (accepted, rejected, "
+            "failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.model_swaps = Counter(
+            "gmtrouter_model_swaps",
+            "Network weights swapped in while serving, by source (trained here, loaded).",
+            ["source"],
+            registry=r,
+        )
+        self.trainer = Gauge(
+            "gmtrouter_trainer",
+            "1 while this replica is the online-learning trainer (holds the lease), else 0.",
+            registry=r,
         )
         self._model_version: str | None = None
         self._lock = threading.Lock()
@@ -246,3 +267,33 @@ class InstrumentedStore(GraphStore):
     async def delete_user(self, user_id: str) -> int:
         """See :meth:`GraphStore.delete_user`."""
         return int(await self._call("delete_user", self.inner.delete_user(user_id)))
+
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """See :meth:`GraphStore.recent_comparisons`."""
+        out: list[RecordedComparison] = await self._call(
+            "recent_comparisons", self.inner.recent_comparisons(limit)
+        )
+        return out
+
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """See :meth:`GraphStore.publish_model`."""
+        out: PublishedModel = await self._call(
+            "publish_model", self.inner.publish_model(model, blob)
+        )
+        return out
+
+    async def latest_model(self) -> PublishedModel | None:
+        """See :meth:`GraphStore.latest_model`."""
+        out: PublishedModel | None = await self._call("latest_model", self.inner.latest_model())
+        return out
+
+    async def load_model(self, version: str) -> bytes | None:
+        """See :meth:`GraphStore.load_model`."""
+        out: bytes | None = await self._call("load_model", self.inner.load_model(version))
+        return out
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """See :meth:`GraphStore.acquire_lease`."""
+        return bool(
+            await self._call("acquire_lease", self.inner.acquire_lease(name, holder, ttl_s))
+        )
