@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def save_checkpoint(
-    path: str | Path,
+def checkpoint_payload(
     network: GMTRouterNetwork,
     *,
     encoder_name: str,
@@ -90,11 +90,10 @@ def save_checkpoint(
     models: list[str],
     llm_x: Tensor | Mapping[str, list[float]],
     extra: Mapping[str, Any] | None = None,
-) -> str:
-    """Write a checkpoint; returns its version string.
+) -> dict[str, Any]:
+    """The checkpoint dict (see the module docstring) for ``network``.
 
     Args:
-        path: Output file (parent folders are created).
         network: The trained network.
         encoder_name: Text encoder name (e.g. ``sentence-transformers/all-MiniLM-L6-v2``).
         encoder_dim: Its output dimension ``D`` (must equal ``config.embedding_dim``).
@@ -123,8 +122,7 @@ def save_checkpoint(
             f"llm_x shape (got {tuple(feats.shape)}) must be [{len(models)}, {cfg.llm_feature_dim}]"
         )
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
-    version = weights_version(state)
-    payload = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "state_dict": state,
         "config": cfg.model_dump(),
@@ -133,15 +131,64 @@ def save_checkpoint(
         "models": list(models),
         "llm_x": feats.contiguous(),
         "extra": _plain(dict(extra or {})),
-        "version": version,
+        "version": weights_version(state),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def save_checkpoint(
+    path: str | Path,
+    network: GMTRouterNetwork,
+    *,
+    encoder_name: str,
+    encoder_dim: int,
+    models: list[str],
+    llm_x: Tensor | Mapping[str, list[float]],
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a checkpoint file atomically (temporary file, then rename); returns its version.
+
+    Arguments as :func:`checkpoint_payload`; parent folders of ``path`` are created.
+
+    Raises:
+        CheckpointError: inconsistent arguments.
+    """
+    payload = checkpoint_payload(
+        network,
+        encoder_name=encoder_name,
+        encoder_dim=encoder_dim,
+        models=models,
+        llm_x=llm_x,
+        extra=extra,
+    )
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(p)
-    return version
+    return str(payload["version"])
+
+
+def checkpoint_bytes(checkpoint: LoadedCheckpoint, network: GMTRouterNetwork) -> bytes:
+    """Serialise ``network`` with ``checkpoint``'s encoder, models and LLM features.
+
+    Used to publish fine-tuned weights through the graph store (bytes of a ``torch.save``
+    file; load with :func:`load_checkpoint_bytes`).
+
+    Raises:
+        CheckpointError: ``network`` does not fit the checkpoint's LLM features.
+    """
+    payload = checkpoint_payload(
+        network,
+        encoder_name=checkpoint.encoder_name,
+        encoder_dim=checkpoint.encoder_dim,
+        models=checkpoint.models,
+        llm_x=checkpoint.llm_x,
+        extra=checkpoint.extra,
+    )
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
 
 
 _REQUIRED = ("state_dict", "config", "encoder_name", "encoder_dim", "models", "llm_x", "version")
@@ -172,8 +219,33 @@ def load_checkpoint(
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint file {p} does not exist")
+    return _load(p, str(p), expected, expected_prefix)
+
+
+def load_checkpoint_bytes(
+    blob: bytes,
+    *,
+    source: str = "<bytes>",
+    expected: NetworkConfig | None = None,
+    expected_prefix: str = "decision.algorithm.gmtrouter",
+) -> LoadedCheckpoint:
+    """Load a checkpoint from the bytes of :func:`checkpoint_bytes` (checks as
+    :func:`load_checkpoint`; ``source`` names it in error messages).
+
+    Raises:
+        CheckpointError: corrupt bytes, missing field, or a configuration mismatch.
+    """
+    return _load(io.BytesIO(blob), source, expected, expected_prefix)
+
+
+def _load(
+    file: Path | io.BytesIO,
+    p: str,
+    expected: NetworkConfig | None,
+    expected_prefix: str,
+) -> LoadedCheckpoint:
     try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
+        payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {p} is corrupt or not a GMTRouter checkpoint: {exc}"

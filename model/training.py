@@ -119,20 +119,45 @@ def train_prepared(
     seed: int,
     progress: bool = False,
     desc: str = "train gmtrouter",
+    init: GMTRouterNetwork | None = None,
+    time_budget_s: float | None = None,
 ) -> TrainResult:
     """Train on comparisons ``train_idx`` of ``prep`` (a validation slice is carved inside).
 
+    Args:
+        prep: Prepared data.
+        train_idx: int64 comparison indices to train on.
+        config: Hyper-parameters (``config.network`` is ignored when ``init`` is given).
+        seed: RNG seed (sampling and initialisation).
+        progress: Show a progress bar.
+        desc: Its label.
+        init: Start from a copy of these weights (fine-tuning); ``init`` itself is untouched.
+        time_budget_s: Stop after the first step that ends past this many seconds (wall
+            clock); ``metrics["stopped_early"]`` tells whether it did.
+
     Returns:
         :class:`TrainResult`; the network is the best validation step's, in eval mode.
+
+    Raises:
+        ValueError: no user has two or more sessions among ``train_idx``.
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    cfg = config.network
     d, dl = prep.query_emb.shape[1], prep.llm_x.shape[1]
-    if cfg.embedding_dim != d or cfg.llm_feature_dim != dl:
-        cfg = cfg.model_copy(update={"embedding_dim": d, "llm_feature_dim": dl})
-    net = GMTRouterNetwork(cfg)
+    if init is not None:
+        net = copy.deepcopy(init)
+        cfg = net.config
+        if cfg.embedding_dim != d or cfg.llm_feature_dim != dl:
+            raise ValueError(
+                f"init network expects features [{cfg.embedding_dim}], [{cfg.llm_feature_dim}] "
+                f"but the data has [{d}], [{dl}]"
+            )
+    else:
+        cfg = config.network
+        if cfg.embedding_dim != d or cfg.llm_feature_dim != dl:
+            cfg = cfg.model_copy(update={"embedding_dim": d, "llm_feature_dim": dl})
+        net = GMTRouterNetwork(cfg)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if config.val_fraction > 0:
         fit_idx, val_idx = split_by_session(prep, train_idx, config.val_fraction, rng)
@@ -152,7 +177,13 @@ def train_prepared(
     losses: list[float] = []
     history_log: list[tuple[int, float]] = []
     bar = tqdm(range(1, config.steps + 1), desc=desc, disable=not progress, leave=False)
+    steps_run = 0
+    stopped_early = False
     for step in bar:
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            stopped_early = True
+            break
+        steps_run = step
         net.train()
         chosen = rng.choice(
             user_list, size=min(config.users_per_step, len(user_list)), replace=False
@@ -206,21 +237,23 @@ def train_prepared(
             bar.set_postfix(
                 loss=f"{np.mean(losses[-config.eval_every :]):.3f}", val_auc=f"{auc:.3f}"
             )
-    if len(val_idx):
+    if len(val_idx) and best_auc >= 0:
         net.load_state_dict(best_state)
     else:
-        best_step = config.steps
+        best_step = steps_run
     net.eval()
     return TrainResult(
         network=net,
         metrics={
             "best_step": best_step,
             "best_val_auc": best_auc if len(val_idx) else None,
-            "final_loss": float(np.mean(losses[-20:])),
+            "final_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
             "val_curve": history_log,
             "train_time_s": time.perf_counter() - t0,
             "n_train": len(fit_idx),
             "n_val": len(val_idx),
+            "steps_run": steps_run,
+            "stopped_early": stopped_early,
         },
     )
 
