@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -37,6 +37,9 @@ from server.routing import RoutingService
 from server.scoring import PriorScorer, Scorer
 from server.security import BearerAuth, load_tokens, server_credentials
 from server.servicer import RouterServicer
+
+if TYPE_CHECKING:
+    from server.learning import OnlineLearner
 
 log = structlog.get_logger(__name__)
 
@@ -245,6 +248,8 @@ class RouterServer:
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
         self.service: RoutingService | None = None
+        #: Online learning (``server/learning.py``); None without a network checkpoint.
+        self.learner: OnlineLearner | None = None
         self.port = 0
         #: Bound port of the /metrics endpoint (0 when off or not bound).
         self.metrics_port = 0
@@ -282,6 +287,15 @@ class RouterServer:
         store = InstrumentedStore(self.store, self.metrics)
         scorer = build_scorer(self.settings, store, self.encoder, self.executor)
         self.service = RoutingService(self.settings, store, scorer, self.encoder, self.executor)
+        if self.settings.gmtrouter.model_path and self.settings.gmtrouter.learn_preferences:
+            from server.learning import OnlineLearner
+            from server.personalization import NetworkScorer
+
+            assert isinstance(scorer, NetworkScorer)
+            self.learner = OnlineLearner(
+                self.settings, store, scorer, self.metrics, self.service.notify_all
+            )
+            await self.learner.start()
         router_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(self.service), self.server
         )
@@ -339,6 +353,8 @@ class RouterServer:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.learner is not None:
+            await self.learner.stop()
         await self.store.close()
         self.metrics.close()
         self.executor.shutdown(wait=True, cancel_futures=True)

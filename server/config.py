@@ -227,6 +227,52 @@ class PriorSettings(_Section):
     )
 
 
+class LearningSettings(_Section):
+    """``learning`` — online fine-tuning, on when ``decision.algorithm.gmtrouter.learn_preferences``
+    is true and a checkpoint is served (``server/learning.py`` has the exact behaviour)."""
+
+    role: Literal["auto", "trainer", "follower"] = Field(
+        "auto",
+        description="auto = replicas elect one trainer by a lease in the store; trainer = this "
+        "replica trains (configure exactly one); follower = never trains, only loads weights.",
+    )
+    check_interval_s: float = Field(
+        30.0, gt=0, le=86400, description="How often the trainer looks for new feedback."
+    )
+    min_new_interactions: int = Field(
+        200, ge=1, description="New interactions (all users) needed before a round runs."
+    )
+    window: int = Field(
+        5000, ge=10, le=1_000_000, description="Most recent comparisons a round trains on."
+    )
+    time_budget_s: float = Field(
+        60.0, gt=0, le=3600, description="Wall-clock budget of one round's training (seconds)."
+    )
+    steps: int = Field(60, ge=1, le=100_000, description="Optimizer steps per round at most.")
+    lr: float = Field(5e-4, gt=0, le=1, description="Adam learning rate of fine-tuning.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each user's sessions held back to accept/reject."
+    )
+    min_improvement: float = Field(
+        0.0, description="Accept only if held-back log-loss drops by more than this (nats)."
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often every replica checks for newer weights."
+    )
+    lease_ttl_s: float = Field(
+        90.0, gt=0, le=86400, description="Trainer lease lifetime (role auto); renewed each check."
+    )
+
+    @model_validator(mode="after")
+    def _lease_outlives_checks(self) -> LearningSettings:
+        if self.role == "auto" and self.lease_ttl_s <= self.check_interval_s:
+            raise ValueError(
+                f"lease_ttl_s (got {self.lease_ttl_s}) must exceed check_interval_s "
+                f"(got {self.check_interval_s}), or the trainer loses its lease between checks"
+            )
+        return self
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
@@ -240,6 +286,7 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     streaming: StreamingSettings = StreamingSettings()
     prior: PriorSettings = PriorSettings()
+    learning: LearningSettings = LearningSettings()
 
     @property
     def gmtrouter(self) -> GMTRouterSettings:

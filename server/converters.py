@@ -101,6 +101,7 @@ def ranking_to_proto(r: Ranking) -> pb.PreferenceUpdate:
         version=r.version,
         updated_at=ts,
         method=r.method,
+        model_version=r.model_version,
     )
 
 

@@ -102,6 +102,8 @@ class Ranking:
         preferences: ``(model, score)`` best first.
         version: The user's graph version the ranking was computed from.
         updated_at_s: Unix seconds when it was computed.
+        method: How it was scored (as ``Selection.method``).
+        model_version: The weights that scored it.
     """
 
     user_id: str
@@ -109,6 +111,7 @@ class Ranking:
     version: int
     updated_at_s: float
     method: str
+    model_version: str = ""
 
     @property
     def order(self) -> tuple[str, ...]:

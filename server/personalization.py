@@ -13,6 +13,13 @@ request waits for nobody.
 A user with fewer than ``sampler.min_history`` turns is the cold-start case: the network runs
 on a graph without that user's history (method ``gmtrouter_cold_start``), which is the
 network's non-personalized, query-aware score.
+
+Weights can be swapped while serving (:meth:`NetworkScorer.swap`, driven by online learning in
+``server/learning.py``): the scorer holds one immutable :class:`ServedModel` reference and
+replaces it in one assignment. Each cached user state remembers the model that encoded it and
+is a miss under any other; a request already past its encode finishes with the model it
+started with (its user embeddings and prediction head stay consistent), so a swap fails no
+request.
 """
 
 from __future__ import annotations
@@ -42,10 +49,24 @@ METHOD = "gmtrouter"
 METHOD_COLD_START = "gmtrouter_cold_start"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One set of weights being served: the checkpoint and its network (eval mode)."""
+
+    checkpoint: LoadedCheckpoint
+    network: GMTRouterNetwork
+
+    @property
+    def version(self) -> str:
+        """The weights' version string."""
+        return self.checkpoint.version
+
+
 @dataclasses.dataclass(slots=True)
 class _UserState:
-    """Cached network output for one user at one graph version."""
+    """Cached network output for one user at one graph version, from one served model."""
 
+    model: ServedModel
     version: int
     history_turns: int
     user_h: torch.Tensor  # float32 [H]
@@ -67,6 +88,7 @@ class _UserState:
 
 
 class _HeadRow(NamedTuple):
+    network: GMTRouterNetwork
     user_h: torch.Tensor  # float32 [H]
     query: npt.NDArray[np.float32]  # float32 [D]
     llm_h: torch.Tensor  # float32 [C, H]
@@ -80,23 +102,21 @@ class HeadBatcher:
     that arrive while it runs wait and go together into the next pass (at most
     ``max_batch_rows`` rows). Each request gets its own result, or the pass's exception.
     Rows are independent in the head (no cross-row attention; dropout is off in eval mode),
-    so batching does not change any score beyond float rounding.
+    so batching does not change any score beyond float rounding. Each row names the network
+    whose head scores it (rows of different weights, around a swap, go in separate passes).
 
     Args:
-        network: The network (eval mode); only :meth:`GMTRouterNetwork.score` is called.
         executor: Where the forward passes run.
         max_batch_rows: Largest number of requests in one pass.
     """
 
     def __init__(
         self,
-        network: GMTRouterNetwork,
         executor: concurrent.futures.Executor,
         max_batch_rows: int = 256,
     ) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows (got {max_batch_rows}) must be >= 1")
-        self.network = network
         self.executor = executor
         self.max_batch_rows = max_batch_rows
         self._pending: list[_HeadRow] = []
@@ -106,12 +126,17 @@ class HeadBatcher:
         self.rows = 0
 
     async def score(
-        self, user_h: torch.Tensor, query: npt.NDArray[np.float32], llm_h: torch.Tensor
+        self,
+        network: GMTRouterNetwork,
+        user_h: torch.Tensor,
+        query: npt.NDArray[np.float32],
+        llm_h: torch.Tensor,
     ) -> list[float]:
-        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H]``) for one request."""
+        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H]``) for one request, by
+        ``network``'s head (``user_h`` float32 ``[H]``, ``query`` float32 ``[D]``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[float]] = loop.create_future()
-        self._pending.append(_HeadRow(user_h, query, llm_h, fut))
+        self._pending.append(_HeadRow(network, user_h, query, llm_h, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
         return await fut
@@ -135,19 +160,24 @@ class HeadBatcher:
                     row.future.set_result(res)
 
     def _forward(self, batch: list[_HeadRow]) -> list[list[float]]:
-        """One head pass per distinct candidate count (usually one); runs in the executor."""
-        groups: dict[int, list[int]] = {}
+        """One head pass per distinct (network, candidate count) — usually one; runs in the
+        executor."""
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(batch):
-            groups.setdefault(int(row.llm_h.shape[0]), []).append(i)
+            groups.setdefault((id(row.network), int(row.llm_h.shape[0])), []).append(i)
         out: list[list[float]] = [[] for _ in batch]
         with torch.inference_mode():
             for idx in groups.values():
                 rows = [batch[i] for i in idx]
-                logits = self.network.score(
-                    torch.stack([r.user_h for r in rows]),
-                    torch.from_numpy(np.stack([r.query for r in rows])),
-                    torch.stack([r.llm_h for r in rows]),
-                ).tolist()
+                logits = (
+                    rows[0]
+                    .network.score(
+                        torch.stack([r.user_h for r in rows]),
+                        torch.from_numpy(np.stack([r.query for r in rows])),
+                        torch.stack([r.llm_h for r in rows]),
+                    )
+                    .tolist()
+                )
                 for i, values in zip(idx, logits, strict=True):
                     out[i] = values
         self.passes += 1
@@ -178,8 +208,8 @@ class NetworkScorer:
         prior: PriorScorer,
         cache_size: int = 10_000,
     ) -> None:
-        self.ckpt = checkpoint
-        self.network = checkpoint.network.eval()
+        self.base = checkpoint
+        self._served = ServedModel(checkpoint, checkpoint.network.eval())
         self.settings = settings
         self.store = store
         self.encoder = encoder
@@ -191,15 +221,65 @@ class NetworkScorer:
         }
         self._descriptions = {m.name: m.description for m in settings.models if m.description}
         self._cache: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
-        self.head = HeadBatcher(self.network, executor)
+        self.head = HeadBatcher(executor)
         # In-flight reads and encodes, shared by concurrent requests for one user.
         self._version_reads: dict[str, asyncio.Future[int]] = {}
-        self._encodes: dict[tuple[str, int], asyncio.Future[_UserState]] = {}
+        self._encodes: dict[tuple[str, int, str], asyncio.Future[_UserState]] = {}
 
     @property
     def model_version(self) -> str:
-        """The checkpoint's version string (hash of its weights)."""
-        return self.ckpt.version
+        """Version string (hash of the weights) of the model now served."""
+        return self._served.version
+
+    @property
+    def served(self) -> ServedModel:
+        """The model now served (replaced, never mutated, by :meth:`swap`)."""
+        return self._served
+
+    def check_compatible(self, checkpoint: LoadedCheckpoint) -> None:
+        """Raise :class:`CheckpointError` unless ``checkpoint`` can replace the served model.
+
+        It must have the base checkpoint's network configuration, encoder and LLM list.
+        """
+        base = self.base
+        if checkpoint.config != base.config:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.version} has network config {checkpoint.config} but "
+                f"the served one has {base.config}"
+            )
+        if (checkpoint.encoder_name, checkpoint.encoder_dim) != (
+            base.encoder_name,
+            base.encoder_dim,
+        ):
+            raise CheckpointError(
+                f"checkpoint {checkpoint.version} was trained with encoder "
+                f"{checkpoint.encoder_name!r} [{checkpoint.encoder_dim}], the served one with "
+                f"{base.encoder_name!r} [{base.encoder_dim}]"
+            )
+        if checkpoint.models != base.models:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.version} knows models {checkpoint.models}, the served "
+                f"one {base.models}"
+            )
+
+    def swap(self, checkpoint: LoadedCheckpoint) -> bool:
+        """Serve ``checkpoint``'s weights from now on (one reference assignment).
+
+        Cached user states of the old weights become misses; requests in flight finish with
+        the weights they started with.
+
+        Returns:
+            False when those weights are already served (nothing changes), else True.
+
+        Raises:
+            CheckpointError: ``checkpoint`` is not compatible (:meth:`check_compatible`).
+        """
+        if checkpoint.version == self._served.version:
+            return False
+        self.check_compatible(checkpoint)
+        self._served = ServedModel(checkpoint, checkpoint.network.eval())
+        self._cache.clear()
+        return True
 
     @classmethod
     def from_settings(
@@ -243,7 +323,7 @@ class NetworkScorer:
 
     # -- features ----------------------------------------------------------------------------
 
-    async def _llm_features(self, names: Sequence[str]) -> torch.Tensor:
+    async def llm_features(self, names: Sequence[str]) -> torch.Tensor:
         """float32 ``[len(names), D_llm]``: the checkpoint's features, else the embedding of the
         model's configured ``description`` (or the training-time text for its name)."""
         missing = [m for m in names if m not in self._llm_x]
@@ -258,7 +338,12 @@ class NetworkScorer:
     # -- encoding ----------------------------------------------------------------------------
 
     def _encode_sync(
-        self, nb: Neighbourhood, llm_names: list[str], llm_x: torch.Tensor, personalize: bool
+        self,
+        served: ServedModel,
+        nb: Neighbourhood,
+        llm_names: list[str],
+        llm_x: torch.Tensor,
+        personalize: bool,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # The network was trained on per-user components: only the seed user's own turns go
         # into the graph (other users' turns would mix their outcomes into the LLM nodes);
@@ -279,10 +364,10 @@ class NetworkScorer:
             turn_llm=torch.from_numpy(turn_llm),
             turn_outcome=torch.from_numpy(nb.turn_outcome[keep]),
             turn_prev=torch.from_numpy(prev),
-            reverse_edges=self.ckpt.config.reverse_edges,
+            reverse_edges=served.checkpoint.config.reverse_edges,
         )
         with torch.inference_mode():
-            user_h, llm_h = self.network.encode(data)
+            user_h, llm_h = served.network.encode(data)
         return user_h[0].clone(), {m: llm_h[i].clone() for i, m in enumerate(llm_names)}
 
     async def _version(self, user_id: str) -> int:
@@ -307,21 +392,23 @@ class NetworkScorer:
 
     async def _state(self, user_id: str, candidates: Sequence[str]) -> _UserState:
         version = await self._version(user_id)
+        served = self._served
         cached = self._cache.get(user_id)
         if (
             cached is not None
             and cached.version == version
+            and cached.model is served
             and all(m in cached.llm_h for m in candidates)
         ):
             self._cache.move_to_end(user_id)
             return cached
-        key = (user_id, version)
+        key = (user_id, version, served.version)
         fut = self._encodes.get(key)
         if fut is not None:
             state = await asyncio.shield(fut)
             if all(m in state.llm_h for m in candidates):
                 return state
-        fut = asyncio.ensure_future(self._encode_user(user_id, candidates))
+        fut = asyncio.ensure_future(self._encode_user(served, user_id, candidates))
         self._encodes[key] = fut
 
         def _forget(done: asyncio.Future[_UserState]) -> None:
@@ -333,16 +420,18 @@ class NetworkScorer:
         fut.add_done_callback(_forget)
         return await asyncio.shield(fut)
 
-    async def _encode_user(self, user_id: str, candidates: Sequence[str]) -> _UserState:
+    async def _encode_user(
+        self, served: ServedModel, user_id: str, candidates: Sequence[str]
+    ) -> _UserState:
         s = self.settings.sampler
         nb = await self.store.neighbourhood(user_id, s.hops, s.fan_out)
         history = int(np.count_nonzero(nb.turn_user == 0))
         personalize = history >= max(s.min_history, 1)
         llm_names = list(dict.fromkeys([*nb.llm_names, *candidates]))
-        llm_x = await self._llm_features(llm_names)
+        llm_x = await self.llm_features(llm_names)
         loop = asyncio.get_running_loop()
         user_h, llm_h = await loop.run_in_executor(
-            self.executor, self._encode_sync, nb, llm_names, llm_x, personalize
+            self.executor, self._encode_sync, served, nb, llm_names, llm_x, personalize
         )
         own = nb.turn_query[nb.turn_user == 0]
         typical = (
@@ -350,7 +439,9 @@ class NetworkScorer:
             if len(own)
             else np.zeros(self.settings.embedding.dim, dtype=np.float32)
         )
-        state = _UserState(nb.version, history, user_h, llm_h, typical)
+        state = _UserState(served, nb.version, history, user_h, llm_h, typical)
+        if served is not self._served:
+            return state  # swapped meanwhile: serve this request, cache nothing stale
         self._cache[user_id] = state
         self._cache.move_to_end(user_id)
         while len(self._cache) > self.cache_size:
@@ -369,6 +460,7 @@ class NetworkScorer:
         state = await self._state(user_id, candidates)
         q = state.typical_query if query_embedding is None else query_embedding
         logits = await self.head.score(
+            state.model.network,
             state.user_h,
             np.ascontiguousarray(q, dtype=np.float32),
             state.candidates_h(candidates),
@@ -387,7 +479,7 @@ class NetworkScorer:
                 f"cold start: the user has {state.history_turns} recorded turns (personalization "
                 f"starts at {min_history}); non-personalized GMTRouter score for this query"
             )
-        return Scores(scores, method, reasoning, self.model_version, state.history_turns)
+        return Scores(scores, method, reasoning, state.model.version, state.history_turns)
 
     def invalidate(self, user_id: str) -> None:
         """Drop the user's cached embeddings (their graph changed)."""
@@ -398,11 +490,12 @@ class NetworkScorer:
     async def warm_up(self) -> None:
         """Run one encode + head so that the first request pays no lazy initialisation."""
         nb = Neighbourhood.empty("__warm_up__", self.settings.embedding.dim)
-        names = self.ckpt.models[:2] or ["__warm_up_model__"]
-        llm_x = await self._llm_features(names)
+        served = self._served
+        names = served.checkpoint.models[:2] or ["__warm_up_model__"]
+        llm_x = await self.llm_features(names)
         loop = asyncio.get_running_loop()
         user_h, llm_h = await loop.run_in_executor(
-            self.executor, self._encode_sync, nb, names, llm_x, True
+            self.executor, self._encode_sync, served, nb, names, llm_x, True
         )
         query = np.zeros(self.settings.embedding.dim, dtype=np.float32)
-        await self.head.score(user_h, query, torch.stack([llm_h[m] for m in names]))
+        await self.head.score(served.network, user_h, query, torch.stack([llm_h[m] for m in names]))

@@ -61,6 +61,7 @@ class RoutingService:
         self.encoder = encoder
         self.executor = executor
         self._subscribers: dict[str, set[asyncio.Event]] = {}
+        self._weights_generation = 0  # bumped by notify_all() on every weights swap
 
     # -- validation --------------------------------------------------------------------------
 
@@ -242,6 +243,14 @@ class RoutingService:
         for ev in self._subscribers.get(user_id, ()):
             ev.set()
 
+    def notify_all(self) -> None:
+        """The scoring weights were swapped: every open preference stream re-ranks its users
+        and sends the new rankings."""
+        self._weights_generation += 1
+        for events in self._subscribers.values():
+            for ev in events:
+                ev.set()
+
     async def ranking(self, user_id: str, candidates: Sequence[str]) -> Ranking:
         """The user's current ranking of ``candidates`` (for the user's typical query)."""
         version = await self.store.user_version(user_id)
@@ -249,7 +258,7 @@ class RoutingService:
         prefs = tuple(
             sorted(scored.scores.items(), key=lambda kv: (-kv[1], list(candidates).index(kv[0])))
         )
-        return Ranking(user_id, prefs, version, time.time(), scored.method)
+        return Ranking(user_id, prefs, version, time.time(), scored.method, scored.model_version)
 
     async def stream_preferences(
         self, user_ids: Sequence[str], candidates: Sequence[Candidate]
@@ -258,7 +267,10 @@ class RoutingService:
 
         A change is noticed at once for writes made through this process and within
         ``streaming.poll_interval_s`` for writes made by other replicas (the store's per-user
-        version is polled). The generator runs until the consumer stops iterating.
+        version is polled). A swap of the network weights (online learning,
+        :meth:`notify_all`) re-ranks every subscribed user and sends the new rankings (with
+        the new ``model_version``) at once.
+        The generator runs until the consumer stops iterating.
 
         Raises:
             InvalidRequestError: no user ids, an invalid user id, or invalid candidates.
@@ -275,6 +287,7 @@ class RoutingService:
             self._subscribers.setdefault(u, set()).add(event)
         try:
             last: dict[str, Ranking] = {}
+            generation = self._weights_generation
             for u in users:
                 last[u] = await self.ranking(u, names)
                 yield last[u]
@@ -283,14 +296,22 @@ class RoutingService:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=poll)
                 event.clear()
+                swapped = self._weights_generation != generation
+                generation = self._weights_generation
                 for u in users:
                     version = await self.store.user_version(u)
-                    if version == last[u].version:
+                    if version == last[u].version and not swapped:
                         continue
-                    self.scorer.invalidate(u)
+                    if version != last[u].version:
+                        self.scorer.invalidate(u)
                     current = await self.ranking(u, names)
-                    # A lower version means the user was deleted (DeleteUser): always tell.
-                    changed = current.order != last[u].order or current.version < last[u].version
+                    # A lower version means the user was deleted (DeleteUser), a new weights
+                    # generation that online learning swapped the weights: always tell.
+                    changed = (
+                        current.order != last[u].order
+                        or current.version < last[u].version
+                        or swapped
+                    )
                     last[u] = current
                     if changed:
                         yield current

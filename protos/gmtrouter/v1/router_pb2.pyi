@@ -392,11 +392,16 @@ class PreferenceUpdate(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     version: _builtins.int
     """Increases by one with every change of this user's graph the server has seen."""
     method: _builtins.str
     """How the ranking was computed (see SelectResponse.method)."""
+    model_version: _builtins.str
+    """Version of the network weights that scored it (see SelectResponse.model_version); a new
+    update is also sent when online learning swaps the weights and the ranking changes.
+    """
     @_builtins.property
     def preferences(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelPreference]:
         """Candidate models, best first."""
@@ -411,10 +416,11 @@ class PreferenceUpdate(_message.Message):
         version: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         method: _builtins.str = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "preferences", b"preferences", "updated_at", b"updated_at", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "model_version", b"model_version", "preferences", b"preferences", "updated_at", b"updated_at", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

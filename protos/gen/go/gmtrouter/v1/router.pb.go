@@ -769,7 +769,10 @@ type PreferenceUpdate struct {
 	Version   uint64                 `protobuf:"varint,3,opt,name=version,proto3" json:"version,omitempty"`
 	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	// How the ranking was computed (see SelectResponse.method).
-	Method        string `protobuf:"bytes,5,opt,name=method,proto3" json:"method,omitempty"`
+	Method string `protobuf:"bytes,5,opt,name=method,proto3" json:"method,omitempty"`
+	// Version of the network weights that scored it (see SelectResponse.model_version); a new
+	// update is also sent when online learning swaps the weights and the ranking changes.
+	ModelVersion  string `protobuf:"bytes,6,opt,name=model_version,json=modelVersion,proto3" json:"model_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -835,6 +838,13 @@ func (x *PreferenceUpdate) GetUpdatedAt() *timestamppb.Timestamp {
 func (x *PreferenceUpdate) GetMethod() string {
 	if x != nil {
 		return x.Method
+	}
+	return ""
+}
+
+func (x *PreferenceUpdate) GetModelVersion() string {
+	if x != nil {
+		return x.ModelVersion
 	}
 	return ""
 }
@@ -1001,14 +1011,15 @@ const file_gmtrouter_v1_router_proto_rawDesc = "" +
 	"\x10candidate_models\x18\x02 \x03(\v2\x1c.gmtrouter.v1.CandidateModelR\x0fcandidateModels\"=\n" +
 	"\x0fModelPreference\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x01R\x05score\"\xd9\x01\n" +
+	"\x05score\x18\x02 \x01(\x01R\x05score\"\xfe\x01\n" +
 	"\x10PreferenceUpdate\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12?\n" +
 	"\vpreferences\x18\x02 \x03(\v2\x1d.gmtrouter.v1.ModelPreferenceR\vpreferences\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\x04R\aversion\x129\n" +
 	"\n" +
 	"updated_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12\x16\n" +
-	"\x06method\x18\x05 \x01(\tR\x06method\",\n" +
+	"\x06method\x18\x05 \x01(\tR\x06method\x12#\n" +
+	"\rmodel_version\x18\x06 \x01(\tR\fmodelVersion\",\n" +
 	"\x11DeleteUserRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\"G\n" +
 	"\x12DeleteUserResponse\x121\n" +

@@ -1,0 +1,264 @@
+"""Online learning through the real gRPC API (server/learning.py).
+
+Two in-process servers share one store (a SQLite file, and the real Neo4j): A is the trainer,
+B a follower. The served checkpoint is an untrained network; planted per-user preferences
+(model/synthetic.py) are recorded through A while clients keep calling Select on both. A
+fine-tuning round must be accepted, swap A's weights without failing any Select, reach B
+through the store, and reach B's preference-stream subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from gmtrouter.v1 import router_pb2 as pb
+from gmtrouter.v1 import router_pb2_grpc
+from graphstore.neo4j_store import Neo4jGraphStore
+from graphstore.sqlite_store import SQLiteGraphStore
+from graphstore.store import GraphStore
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data import llm_description
+from model.network import GMTRouterNetwork, NetworkConfig
+from model.synthetic import HashEncoder, planted_preferences
+from server.app import RouterServer
+from server.config import EmbeddingSettings, parse_settings
+
+DIM = 384
+MODELS = ["A", "B", "C"]
+ENCODER = HashEncoder(dim=DIM)
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained network saved as a checkpoint for the default 384-d encoder settings
+    (requests carry their own embeddings, so the text encoder never runs)."""
+    torch.manual_seed(0)
+    net = GMTRouterNetwork(NetworkConfig(embedding_dim=DIM, llm_feature_dim=DIM))
+    path = tmp_path_factory.mktemp("ckpt") / "untrained.pt"
+    save_checkpoint(
+        path,
+        net,
+        encoder_name=EmbeddingSettings().model,
+        encoder_dim=DIM,
+        models=MODELS,
+        llm_x=torch.from_numpy(ENCODER.encode([llm_description(m) for m in MODELS])),
+    )
+    return path
+
+
+def settings(checkpoint: Path, role: str, **learning: Any) -> Any:
+    return parse_settings(
+        {
+            "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
+            "server": {"port": 0, "metrics_port": 0},
+            "learning": {
+                "role": role,
+                "check_interval_s": 0.5,
+                "min_new_interactions": 150,
+                "steps": 40,
+                "lr": 2e-3,
+                "time_budget_s": 60,
+                "poll_interval_s": 0.3,
+                **learning,
+            },
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Any, store: GraphStore) -> AsyncIterator[RouterServer]:
+    app = RouterServer(config, store=store, environ={})
+    await app.start(warm_up=False)
+    try:
+        yield app
+    finally:
+        await app.stop(0)
+
+
+def record_requests() -> list[pb.RecordResponseRequest]:
+    out = []
+    for i, r in enumerate(planted_preferences(num_users=16, sessions_per_user=16, seed=5)):
+        winner, loser = (r.model_a, r.model_b) if r.outcome_value >= 0.5 else (r.model_b, r.model_a)
+        out.append(
+            pb.RecordResponseRequest(
+                user_id=r.user_id,
+                session_id=r.session_id,
+                turn_index=r.turn_index,
+                query_embedding=ENCODER.encode([r.query_text or r.query_id])[0].tolist(),
+                model=winner,
+                idempotency_key=f"planted-{i}",
+                comparison=pb.Comparison(
+                    winner_model=winner, loser_model=loser, tie=r.outcome_value == 0.5
+                ),
+            )
+        )
+    return out
+
+
+def select_request(user: str) -> pb.SelectRequest:
+    return pb.SelectRequest(
+        user_id=user,
+        query_embedding=ENCODER.encode(["math: question 3"])[0].tolist(),
+        candidate_models=[pb.CandidateModel(model=m) for m in MODELS],
+    )
+
+
+async def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> GraphStore:
+    if kind == "sqlite":
+        return SQLiteGraphStore(tmp_path / "shared.db", embedding_dim=DIM)
+    target = request.getfixturevalue("clean_neo4j")
+    return Neo4jGraphStore(target.uri, credentials=target.credentials, embedding_dim=DIM)
+
+
+@pytest.mark.parametrize(
+    "kind", ["sqlite", pytest.param("neo4j", marks=pytest.mark.neo4j)], ids=["sqlite", "neo4j"]
+)
+async def test_fine_tuning_swaps_weights_under_load_and_reaches_the_other_replica(
+    kind: str, untrained_checkpoint: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    base_version = load_checkpoint(untrained_checkpoint).version
+    store_a = await make_store(kind, tmp_path, request)
+    store_b = await make_store(kind, tmp_path, request)
+    async with (
+        serving(settings(untrained_checkpoint, "trainer"), store_a) as a,
+        serving(settings(untrained_checkpoint, "follower"), store_b) as b,
+        grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as ch_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as ch_b,
+    ):
+        stub_a = router_pb2_grpc.RouterServiceStub(ch_a)
+        stub_b = router_pb2_grpc.RouterServiceStub(ch_b)
+        assert a.learner is not None and b.learner is not None
+        stream = stub_b.StreamPreferences(
+            pb.StreamPreferencesRequest(
+                user_ids=["user0"], candidate_models=[pb.CandidateModel(model=m) for m in MODELS]
+            ),
+            timeout=300,
+        )
+        first = await stream.read()
+        assert first.model_version == base_version
+
+        versions: dict[str, set[str]] = {"a": set(), "b": set()}
+        errors: list[str] = []
+        done = asyncio.Event()
+
+        async def select_loop(name: str, stub: Any, user: str) -> int:
+            n = 0
+            while not done.is_set():
+                try:
+                    resp = await stub.Select(select_request(user), timeout=30)
+                    versions[name].add(resp.model_version)
+                    n += 1
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{name}: {exc.code().name} {exc.details()}")
+                await asyncio.sleep(0)
+            return n
+
+        async def record_all() -> None:
+            reqs = record_requests()
+            for i in range(0, len(reqs), 16):  # 16 concurrent writers, as a gateway would
+                await asyncio.gather(
+                    *(stub_a.RecordResponse(r, timeout=30) for r in reqs[i : i + 16])
+                )
+
+        loops = [
+            asyncio.create_task(select_loop(n, s, u))
+            for n, s in (("a", stub_a), ("b", stub_b))
+            for u in ("user0", "user1", "cold-user")
+        ]
+        await record_all()
+        for _ in range(600):  # ≤ 120 s for the round, the publication and B's poll
+            if b.learner.scorer.model_version != base_version:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # let the Select loops see the new weights
+        done.set()
+        counts = await asyncio.gather(*loops)
+
+        rounds = a.learner.rounds
+        assert rounds, "no fine-tuning round ran"
+        accepted = [r for r in rounds if r.outcome == "accepted"]
+        assert accepted, [(r.outcome, r.reason) for r in rounds]
+        new_version = accepted[0].new_version
+        assert new_version != base_version
+        assert accepted[0].metrics["new_loss"] < accepted[0].metrics["base_loss"]
+        assert a.learner.scorer.model_version == b.learner.scorer.model_version
+        assert b.learner.scorer.model_version in {r.new_version for r in accepted}
+        assert errors == []
+        assert min(counts) > 0
+        assert base_version in versions["a"] and new_version in versions["a"], versions
+        assert b.learner.scorer.model_version in versions["b"], versions
+        after = await asyncio.wait_for(stream.read(), timeout=30)
+        while after.model_version == base_version:  # a feedback update may come first
+            after = await asyncio.wait_for(stream.read(), timeout=30)
+        assert after.model_version != base_version and after.user_id == "user0"
+        stream.cancel()
+        published = await store_a.latest_model()
+        assert published is not None and published.base_version == base_version
+        assert published.interactions >= 150
+
+        # A replica started now adopts the published weights before serving.
+        store_c = await make_store(kind, tmp_path, request)
+        async with serving(settings(untrained_checkpoint, "follower"), store_c) as c:
+            assert c.learner is not None
+            assert c.learner.scorer.model_version == published.version
+
+
+async def test_a_worse_round_is_discarded_and_nothing_is_published(
+    untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=DIM)
+    config = settings(untrained_checkpoint, "follower", min_improvement=100.0, steps=3)
+    async with (
+        serving(config, store) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for req in record_requests()[:120]:
+            await stub.RecordResponse(req, timeout=30)
+        assert app.learner is not None
+        before = app.learner.scorer.model_version
+        report = await app.learner.train_once(force=True)
+        assert report is not None and report.outcome == "rejected", report
+        assert "does not improve" in report.reason
+        assert app.learner.scorer.model_version == before == report.new_version
+        assert await store.latest_model() is None
+        resp = await stub.Select(select_request("user0"), timeout=30)
+        assert resp.model_version == before
+
+
+async def test_frozen_weights_when_learn_preferences_is_false(
+    untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = parse_settings(
+        {
+            "decision": {
+                "algorithm": {
+                    "gmtrouter": {
+                        "model_path": str(untrained_checkpoint),
+                        "learn_preferences": False,
+                    }
+                }
+            },
+            "server": {"port": 0, "metrics_port": 0},
+        }
+    )
+    store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=DIM)
+    async with (
+        serving(config, store) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        assert app.learner is None  # no background training, no weights polling
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for req in record_requests()[:20]:
+            await stub.RecordResponse(req, timeout=30)
+        resp = await stub.Select(select_request("user0"), timeout=30)
+        assert resp.method == "gmtrouter"  # history still counts at once
+        assert resp.model_version == load_checkpoint(untrained_checkpoint).version
