@@ -143,6 +143,7 @@ async def test_fine_tuning_swaps_weights_under_load_and_reaches_the_other_replic
             timeout=300,
         )
         first = await stream.read()
+        assert isinstance(first, pb.PreferenceUpdate)
         assert first.model_version == base_version
 
         versions: dict[str, set[str]] = {"a": set(), "b": set()}
@@ -196,8 +197,9 @@ async def test_fine_tuning_swaps_weights_under_load_and_reaches_the_other_replic
         assert base_version in versions["a"] and new_version in versions["a"], versions
         assert b.learner.scorer.model_version in versions["b"], versions
         after = await asyncio.wait_for(stream.read(), timeout=30)
-        while after.model_version == base_version:  # a feedback update may come first
-            after = await asyncio.wait_for(stream.read(), timeout=30)
+        while isinstance(after, pb.PreferenceUpdate) and after.model_version == base_version:
+            after = await asyncio.wait_for(stream.read(), timeout=30)  # feedback updates first
+        assert isinstance(after, pb.PreferenceUpdate)
         assert after.model_version != base_version and after.user_id == "user0"
         stream.cancel()
         published = await store_a.latest_model()
