@@ -93,22 +93,26 @@ def train(
     split_seed: Annotated[int, typer.Option(help="Seed of the user split.")] = 0,
 ) -> None:
     """Train the GMTRouter network on a preference data set and write a checkpoint."""
-    from model.cli_commands import train_command
+    from model.cli_commands import train_command, train_config
 
     _fail_cleanly(
         lambda: train_command(
             dataset,
             data_path,
             out,
-            num_layers=num_layers,
-            hidden_dim=hidden_dim,
-            num_heads=num_heads,
-            steps=steps,
-            lr=lr,
-            dropout=dropout,
+            config=train_config(
+                num_layers=num_layers,
+                hidden_dim=hidden_dim,
+                num_heads=num_heads,
+                steps=steps,
+                lr=lr,
+                dropout=dropout,
+                reverse_edges=reverse_edges,
+            ),
             seed=seed,
-            reverse_edges=reverse_edges,
             threads=threads,
+            holdout_fraction=holdout_fraction,
+            split_seed=split_seed,
         )
     )
 
@@ -130,7 +134,7 @@ def evaluate(
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
 ) -> None:
     """Train and score every method on the same splits; print a table and write JSON."""
-    from model.cli_commands import evaluate_command
+    from model.cli_commands import evaluate_command, train_config
 
     _fail_cleanly(
         lambda: evaluate_command(
@@ -139,11 +143,13 @@ def evaluate(
             protocol,
             seeds,
             json_out,
-            num_layers=num_layers,
-            hidden_dim=hidden_dim,
-            num_heads=num_heads,
-            steps=steps,
-            reverse_edges=reverse_edges,
+            config=train_config(
+                num_layers=num_layers,
+                hidden_dim=hidden_dim,
+                num_heads=num_heads,
+                steps=steps,
+                reverse_edges=reverse_edges,
+            ),
             threads=threads,
         )
     )

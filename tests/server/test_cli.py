@@ -1,0 +1,29 @@
+"""``gmtrouter train`` on the bundled LLMFAO sample: the user split reaches training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from model.checkpoint import load_checkpoint
+from model.datasets import load_dataset
+from model.datasets.splits import holdout_users
+from server.cli import app
+from tests.conftest import REPO
+
+LLMFAO = REPO / "examples" / "data" / "llmfao"
+
+
+def test_train_leaves_the_held_out_users_out(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt.pt"
+    args = ["train", "--dataset", "llmfao", "--data-path", str(LLMFAO), "--steps", "2"]
+    split = ["--holdout-fraction", "0.5", "--split-seed", "3"]
+    result = CliRunner().invoke(app, [*args, *split, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    users = {r.user_id for r in load_dataset("llmfao", LLMFAO)}
+    held = holdout_users(users, 0.5, 3)
+    assert 0 < len(held) < len(users)
+    extra = load_checkpoint(out).extra
+    assert extra["train_users"] == len(users - held)
+    assert (extra["holdout_fraction"], extra["split_seed"]) == (0.5, 3)
