@@ -61,6 +61,11 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python --no-deps . \
  && /opt/venv/bin/python -c "import torch, server.app; print('torch', torch.__version__)"
 
+# Export the text encoder's ONNX graph now (embedding.backend: onnx), so that a container
+# with a read-only root filesystem does not export at start-up.
+ENV GMTROUTER_ONNX_DIR=/opt/gmtrouter/onnx
+RUN /opt/venv/bin/python -c "from model.text_encoder import TextEncoder as T; e = T(); e.warm_up(); assert e.active_backend == 'onnx', 'ONNX export failed'"
+
 # ---------------------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 ARG TORCH_BACKEND=cpu
@@ -76,6 +81,7 @@ RUN groupadd --system --gid 10001 gmtrouter \
  && chown gmtrouter:gmtrouter /var/lib/gmtrouter
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/gmtrouter/onnx /opt/gmtrouter/onnx
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -83,7 +89,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/tmp \
     HF_HOME=/tmp/huggingface \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    GMTROUTER_ONNX_DIR=/opt/gmtrouter/onnx
 
 USER 10001:10001
 WORKDIR /var/lib/gmtrouter

@@ -243,7 +243,9 @@ class RouterServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.server.max_workers, thread_name_prefix="torch"
         )
-        self.encoder = TextEncoder(settings.embedding.model, settings.embedding.device)
+        self.encoder = TextEncoder(
+            settings.embedding.model, settings.embedding.device, settings.embedding.backend
+        )
         self.health = HealthServicer()
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None

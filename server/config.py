@@ -188,6 +188,15 @@ class EmbeddingSettings(_Section):
     )
     dim: int = Field(384, ge=8, le=8192, description="Embedding dimension D.")
     device: str = Field("cpu", description="torch device.")
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx",
+        description=(
+            "Encoder runtime: onnx = ONNX Runtime on the CPU (graph exported once from the"
+            " packaged weights, cached under $GMTROUTER_ONNX_DIR or ~/.cache/gmtrouter/onnx;"
+            " falls back to torch with a warning when that fails); torch = sentence-transformers"
+            " on torch. A device other than cpu always uses torch."
+        ),
+    )
 
 
 class LoggingSettings(_Section):
