@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -159,6 +160,10 @@ class RoutingService:
     async def record(self, rec: FeedbackRecord) -> Recorded:
         """Durably record one interaction; acknowledged only after the store committed it.
 
+        With ``privacy.store_raw_text`` false the query embedding is computed from the text
+        first, then the store gets ``sha256:<64 hex digits>`` (of the UTF-8 text) in place of
+        the query and the response text ("" stays ""); no raw text reaches the store.
+
         Raises:
             InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
                 comparison without winner/loser or with winner == loser; a rating outside its
@@ -191,15 +196,22 @@ class RoutingService:
             except ValueError as exc:
                 raise InvalidRequestError("rating", str(exc)) from None
         emb = await self._embed(rec.query, rec.query_embedding)
+        keep_text = self.settings.privacy.store_raw_text
+
+        def stored(text: str) -> str:
+            if keep_text or not text:
+                return text
+            return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
         interaction = Interaction(
             interaction_id=rec.interaction_id or new_interaction_id(),
             user_id=rec.user_id,
             session_id=rec.session_id,
             turn_index=rec.turn_index,
-            query=rec.query,
+            query=stored(rec.query),
             query_embedding=emb,
             model=rec.model,
-            response=rec.response,
+            response=stored(rec.response),
             timestamp_s=rec.timestamp_s if rec.timestamp_s is not None else time.time(),
             idempotency_key=rec.idempotency_key,
             rating=rating,
