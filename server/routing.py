@@ -167,13 +167,27 @@ class RoutingService:
         Raises:
             InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
                 comparison without winner/loser or with winner == loser; a rating outside its
-                scale; neither query text nor embedding.
+                scale or not finite; neither query text nor embedding; an
+                ``interaction_id`` with ':' or control characters or longer than
+                ``limits.max_user_id_chars``.
             StoreUnavailableError: the store failed; nothing was written.
         """
         self._check_user(rec.user_id)
         self._check_query(rec.query, rec.query_embedding)
         if rec.turn_index < 0:
             raise InvalidRequestError("turn_index", "must be >= 0")
+        iid = rec.interaction_id
+        if iid:
+            # turn ids are "<interaction id>:<model>": a ':' here could make two equal
+            limit = self.settings.limits.max_user_id_chars
+            if len(iid) > limit:
+                raise InvalidRequestError(
+                    "interaction_id", f"is {len(iid)} characters; the limit is {limit}"
+                )
+            if ":" in iid or any(ord(ch) < 32 or ord(ch) == 127 for ch in iid):
+                raise InvalidRequestError(
+                    "interaction_id", "must not contain ':' or control characters"
+                )
         rating: float | None = None
         c = rec.comparison
         if c is not None:
@@ -191,6 +205,12 @@ class RoutingService:
             )
         if rec.rating is not None:
             r = rec.rating
+            if not all(
+                map(math.isfinite, (r.value, r.scale_min, r.scale_max, r.scale_max - r.scale_min))
+            ):
+                raise InvalidRequestError(
+                    "rating", "value, scale_min, scale_max and their range must be finite numbers"
+                )
             try:
                 rating = normalise_rating(r.value, r.scale_min, r.scale_max)
             except ValueError as exc:
