@@ -159,3 +159,15 @@ def test_neo4j_keeps_no_raw_text(
     for t in texts:
         assert t not in dump and t.encode() not in blobs
     _assert_log_clean(srv, texts)
+
+
+def test_log_events_carry_no_texts() -> None:
+    from server.logs import redact_texts
+
+    event = {"event": "x", "user_id": "u", "query": "secret", "conversation_history": ["a", "b"]}
+    assert redact_texts(None, "info", event) == {
+        "event": "x",
+        "user_id": "u",
+        "query": "<redacted: 6 chars>",
+        "conversation_history": "<redacted: 2 items>",
+    }
