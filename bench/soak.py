@@ -5,7 +5,9 @@ Neo4j store takes, for ``--duration-s`` seconds, a mix from ``--clients`` concur
 ``grpc.aio`` clients (each its own channel):
 
 * ``Select`` with a client-supplied ``query_embedding`` (no text encoding);
-* ``RecordResponse`` with a unique idempotency key (comparisons and ratings);
+* ``RecordResponse`` with a unique idempotency key (comparisons and ratings); a call that
+  times out or finds the server unavailable is retried with the same key, as a client
+  should (the error still counts), so a write that landed anyway is acknowledged once;
 * duplicate retries: a recorded request sent again, which must answer ``duplicate`` with the
   first interaction id;
 * provoked errors: invalid requests (empty user id, wrong embedding size, no candidates,
@@ -67,6 +69,8 @@ MODELS = ("soak-a", "soak-b", "soak-c", "soak-d")
 RSS_GROWTH_FRACTION = 0.10
 RSS_GROWTH_MB = 50.0
 CALL_TIMEOUT_S = 30.0
+#: Codes after which a record is retried with the same idempotency key.
+_RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # grpc-stubs lack it
 
 
@@ -111,6 +115,7 @@ class _Tally:
     latency_ms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     acked: dict[str, str] = dataclasses.field(default_factory=dict)  # interaction id -> key
     acked_responses: int = 0
+    landed_after_timeout: int = 0
     duplicate_ok: int = 0
     duplicate_mismatch: int = 0
     new_on_retry: int = 0
@@ -223,15 +228,23 @@ async def _client(
                     idempotency_key=f"soak-{cfg.seed}-{i}-{n}",
                     **fields,
                 )
-                try:
-                    resp = await stub.RecordResponse(req, timeout=CALL_TIMEOUT_S)
-                except grpc.aio.AioRpcError as exc:
-                    tally.error(kind, _code(exc), str(exc.details()))
-                else:
+                resp = None
+                timed_out = False
+                for _attempt in range(4):  # a timed-out write may have landed: same key again
+                    try:
+                        resp = await stub.RecordResponse(req, timeout=CALL_TIMEOUT_S)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        tally.error(kind, _code(exc), str(exc.details()))
+                        if exc.code() not in _RETRYABLE:
+                            break
+                        timed_out = True
+                if resp is not None:
                     tally.ok[kind] += 1
-                    if resp.duplicate:
+                    if resp.duplicate and not timed_out:
                         tally.error(kind, "UNEXPECTED_DUPLICATE", req.idempotency_key)
                     else:
+                        tally.landed_after_timeout += int(resp.duplicate)
                         tally.acked_responses += 1
                         tally.acked[resp.interaction_id] = req.idempotency_key
                         sent.append((req, resp.interaction_id))
@@ -462,6 +475,7 @@ def soak(cfg: SoakConfig) -> dict[str, Any]:
     writes = {
         "acked_new": acked,
         "acked_responses": tally.acked_responses,
+        "acked_on_retry_after_timeout_as_duplicate": tally.landed_after_timeout,
         "stored_before": before,
         "stored_after": after,
         "stored_new": after - before,
