@@ -12,7 +12,7 @@ GO_OUT := protos/gen/go
 
 .PHONY: help install uv proto proto-check go-build go-test helm-check helm-schema lint typecheck \
         check test demo serve \
-        neo4j-install neo4j-start neo4j-stop neo4j-status clean bench
+        neo4j-install neo4j-start neo4j-stop neo4j-status clean bench soak
 
 help:
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -89,6 +89,9 @@ serve: install  ## gmtrouter serve on the embedded store
 
 bench: install neo4j-install  ## benchmarks against a served checkpoint -> bench/results/latest.json (~6 min)
 	$(PY) -m bench.run --out bench/results/latest.json
+
+soak: install  ## 5-minute soak of gmtrouter serve on SQLite -> out/soak/sqlite.json (exit 1 on a failed criterion)
+	$(PY) -m bench.soak --duration-s 300 --store sqlite --json out/soak/sqlite.json
 
 neo4j-install:  ## download the Neo4j server jars from Maven Central (cached in ~/.m2)
 	tools/neo4j/neo4j.sh install

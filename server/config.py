@@ -2,7 +2,8 @@
 
 The ``decision`` and ``models`` sections use exactly the seed's keys
 (``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
-``store``, ``sampler``, ``embedding``, ``logging``, ``limits`` and ``streaming`` are ours.
+``store``, ``sampler``, ``embedding``, ``logging``, ``limits``, ``streaming``, ``prior`` and
+``privacy`` are ours.
 Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
 override ``store.neo4j.*``; bearer tokens come from ``server.auth.tokens_file`` or env
 ``GMTROUTER_AUTH_TOKENS`` (``server/security.py``), never from this file.
@@ -281,6 +282,16 @@ class LearningSettings(_Section):
             )
         return self
 
+class PrivacySettings(_Section):
+    """``privacy`` — what the service keeps of the users' texts."""
+
+    store_raw_text: bool = Field(
+        True,
+        description="Store query and response texts. false: store 'sha256:<64 hex>' of each "
+        "text instead (identical texts stay linkable); the query embedding is still computed "
+        "from the text before it is dropped, so routing works the same.",
+    )
+
 
 class Settings(_Section):
     """The whole configuration file."""
@@ -296,6 +307,7 @@ class Settings(_Section):
     streaming: StreamingSettings = StreamingSettings()
     prior: PriorSettings = PriorSettings()
     learning: LearningSettings = LearningSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @property
     def gmtrouter(self) -> GMTRouterSettings:

@@ -16,6 +16,7 @@ from server.domain import (
     Selection,
     SelectQuery,
 )
+from server.errors import InvalidRequestError
 
 
 def _embedding(values: object) -> np.ndarray | None:
@@ -57,7 +58,11 @@ def selection_to_proto(sel: Selection) -> pb.SelectResponse:
 
 
 def record_from_proto(req: pb.RecordResponseRequest) -> FeedbackRecord:
-    """``RecordResponseRequest`` → :class:`FeedbackRecord`."""
+    """``RecordResponseRequest`` → :class:`FeedbackRecord`.
+
+    Raises:
+        InvalidRequestError: ``timestamp`` lies outside the protobuf Timestamp range.
+    """
     kind = req.WhichOneof("feedback")
     rating = (
         RatingFeedback(req.rating.value, req.rating.scale_min, req.rating.scale_max)
@@ -69,7 +74,12 @@ def record_from_proto(req: pb.RecordResponseRequest) -> FeedbackRecord:
         if kind == "comparison"
         else None
     )
-    ts = req.timestamp.ToMicroseconds() / 1e6 if req.HasField("timestamp") else None
+    ts = None
+    if req.HasField("timestamp"):
+        try:
+            ts = req.timestamp.ToMicroseconds() / 1e6
+        except ValueError as exc:  # seconds or nanos outside the Timestamp range
+            raise InvalidRequestError("timestamp", str(exc)) from None
     return FeedbackRecord(
         user_id=req.user_id,
         session_id=req.session_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -160,16 +161,34 @@ class RoutingService:
     async def record(self, rec: FeedbackRecord) -> Recorded:
         """Durably record one interaction; acknowledged only after the store committed it.
 
+        With ``privacy.store_raw_text`` false the query embedding is computed from the text
+        first, then the store gets ``sha256:<64 hex digits>`` (of the UTF-8 text) in place of
+        the query and the response text ("" stays ""); no raw text reaches the store.
+
         Raises:
             InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
                 comparison without winner/loser or with winner == loser; a rating outside its
-                scale; neither query text nor embedding.
+                scale or not finite; neither query text nor embedding; an
+                ``interaction_id`` with ':' or control characters or longer than
+                ``limits.max_user_id_chars``.
             StoreUnavailableError: the store failed; nothing was written.
         """
         self._check_user(rec.user_id)
         self._check_query(rec.query, rec.query_embedding)
         if rec.turn_index < 0:
             raise InvalidRequestError("turn_index", "must be >= 0")
+        iid = rec.interaction_id
+        if iid:
+            # turn ids are "<interaction id>:<model>": a ':' here could make two equal
+            limit = self.settings.limits.max_user_id_chars
+            if len(iid) > limit:
+                raise InvalidRequestError(
+                    "interaction_id", f"is {len(iid)} characters; the limit is {limit}"
+                )
+            if ":" in iid or any(ord(ch) < 32 or ord(ch) == 127 for ch in iid):
+                raise InvalidRequestError(
+                    "interaction_id", "must not contain ':' or control characters"
+                )
         rating: float | None = None
         c = rec.comparison
         if c is not None:
@@ -187,20 +206,33 @@ class RoutingService:
             )
         if rec.rating is not None:
             r = rec.rating
+            if not all(
+                map(math.isfinite, (r.value, r.scale_min, r.scale_max, r.scale_max - r.scale_min))
+            ):
+                raise InvalidRequestError(
+                    "rating", "value, scale_min, scale_max and their range must be finite numbers"
+                )
             try:
                 rating = normalise_rating(r.value, r.scale_min, r.scale_max)
             except ValueError as exc:
                 raise InvalidRequestError("rating", str(exc)) from None
         emb = await self._embed(rec.query, rec.query_embedding)
+        keep_text = self.settings.privacy.store_raw_text
+
+        def stored(text: str) -> str:
+            if keep_text or not text:
+                return text
+            return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
         interaction = Interaction(
             interaction_id=rec.interaction_id or new_interaction_id(),
             user_id=rec.user_id,
             session_id=rec.session_id,
             turn_index=rec.turn_index,
-            query=rec.query,
+            query=stored(rec.query),
             query_embedding=emb,
             model=rec.model,
-            response=rec.response,
+            response=stored(rec.response),
             timestamp_s=rec.timestamp_s if rec.timestamp_s is not None else time.time(),
             idempotency_key=rec.idempotency_key,
             rating=rating,
