@@ -282,6 +282,7 @@ class LearningSettings(_Section):
             )
         return self
 
+
 class PrivacySettings(_Section):
     """``privacy`` — what the service keeps of the users' texts."""
 
