@@ -13,17 +13,11 @@ import sys
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-import torch
 
 from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.data import prepare
-from model.synthetic import planted_preferences
-from model.text_encoder import TextEncoder
-from model.training import TrainConfig, train_prepared
+from model.checkpoint import load_checkpoint
 from tests.conftest import REPO, ServerProcess
 
 RANK = {  # as model.synthetic: (group, category) -> best to worst
@@ -32,26 +26,6 @@ RANK = {  # as model.synthetic: (group, category) -> best to worst
     (1, "math"): ["B", "C", "A"],
     (1, "writing"): ["A", "C", "B"],
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    encoder = TextEncoder()
-    prep = prepare(planted_preferences(num_users=40, sessions_per_user=30, seed=0), encoder)
-    res = train_prepared(
-        prep, np.arange(prep.n, dtype=np.int64), TrainConfig(steps=80, eval_every=20), seed=0
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "planted.pt"
-    save_checkpoint(
-        path,
-        res.network,
-        encoder_name=encoder.name,
-        encoder_dim=encoder.dim,
-        models=prep.models,
-        llm_x=torch.from_numpy(prep.llm_x),
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,7 @@ from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc
 from tests.conftest import ServerProcess
 from tests.neo4j_fixtures import Neo4jTarget
-from tests.server.test_personalized_service import (  # noqa: F401 - `checkpoint` is a fixture
-    _select,
-    _teach,
-    checkpoint,
-)
+from tests.server.test_personalized_service import _select, _teach
 
 TAUGHT = [f"{cat}: question {q}" for cat in ("math", "writing") for q in range(2)]
 
@@ -84,7 +80,7 @@ def _assert_log_clean(srv: ServerProcess, texts: list[str]) -> None:
         assert t not in log, f"{t!r} reached the server log"
 
 
-def test_sqlite_keeps_no_raw_text(checkpoint: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sqlite_keeps_no_raw_text(checkpoint: Path, tmp_path: Path) -> None:
     import sqlite3
 
     db = tmp_path / "graph.db"
@@ -107,7 +103,7 @@ def test_sqlite_keeps_no_raw_text(checkpoint: Path, tmp_path: Path) -> None:  # 
 
 @pytest.mark.neo4j
 def test_neo4j_keeps_no_raw_text(
-    checkpoint: Path,  # noqa: F811
+    checkpoint: Path,
     clean_neo4j: Neo4jTarget,
     tmp_path: Path,
 ) -> None:
