@@ -220,7 +220,7 @@ def build_scorer(
         from server.personalization import NetworkScorer
 
         inner = NetworkScorer.from_settings(settings, budgeted, encoder, executor, prior)
-    return DegradingScorer(inner, prior, metrics)
+    return DegradingScorer(inner, prior, metrics, budgeted)
 
 
 class RouterServer:

@@ -181,7 +181,7 @@ class StoreSettings(_Section):
         "unreachable, deadlock, lost leader), in seconds; then the call fails UNAVAILABLE.",
     )
     select_timeout_ms: float = Field(
-        250.0,
+        500.0,
         gt=0,
         le=60000,
         description="Select: longest wait for each graph-store read, in ms; a slower or "

@@ -11,8 +11,9 @@ Three parts:
   or the call's gRPC deadline coming near, it answers from the last prior fit (method
   ``degraded_bt_prior``) or, when the prior never fitted, with equal scores (method
   ``degraded_uniform``: the first candidate wins); ``reasoning`` says why. After a failure
-  the store is left alone for :data:`HOLD_S` seconds (every Select in that window answers
-  degraded at once), then the next Select tries it again: recovery needs no restart.
+  the store is left alone for :data:`HOLD_S` seconds, and for as long as a read abandoned
+  after its budget is still running (every Select in that time answers degraded at once);
+  then the next Select tries it again: recovery needs no restart.
 
 The call's deadline reaches the scorer through :data:`CALL_DEADLINE`, set per RPC by the
 access-log interceptor (``server/app.py``).
@@ -76,6 +77,8 @@ class BudgetedStore(GraphStore):
         self.inner = inner
         self.budget_ms = budget_ms
         self.embedding_dim = inner.embedding_dim
+        #: Reads past their budget that are still running.
+        self.abandoned = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -83,18 +86,41 @@ class BudgetedStore(GraphStore):
     async def _read(self, what: str, coro: Awaitable[_T]) -> _T:
         """Await ``coro`` for at most ``budget_ms``.
 
+        A read over budget is abandoned, not cancelled: it runs on in the background (counted
+        in :attr:`abandoned` until it ends), so that slow first steps after a store restart
+        (connecting, cold query plans) still complete and warm the store up. Cancelling them
+        at every budget would keep the store cold for ever.
+
         Raises:
-            StoreTimeoutError: it took longer (the read is cancelled).
+            StoreTimeoutError: it took longer than ``budget_ms``.
             StoreUnavailableError: the store failed.
         """
+        task = asyncio.ensure_future(coro)
         try:
-            async with asyncio.timeout(self.budget_ms / 1e3):
-                return await coro
+            return await asyncio.wait_for(asyncio.shield(task), self.budget_ms / 1e3)
         except TimeoutError:
+            self._abandon(task)
             raise StoreTimeoutError(
                 f"graph store {what} did not answer within {self.budget_ms:g} ms "
                 f"(store.select_timeout_ms)"
             ) from None
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+
+    def _abandon(self, task: asyncio.Future[Any]) -> None:
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" warning
+            return
+        self.abandoned += 1
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self.abandoned -= 1
+            if not t.cancelled():
+                t.exception()
+
+        task.add_done_callback(done)
 
     async def open(self) -> None:
         """See :meth:`GraphStore.open` (no budget)."""
@@ -167,14 +193,21 @@ class DegradingScorer:
             refitted in the background (at most every ``prior.refresh_s`` seconds, while the
             store answers), so that a fit exists when the store goes away.
         metrics: Where degraded answers are counted (``select_degraded_total{reason}``).
+        store: The budgeted store of ``inner``: while one of its reads is past its budget
+            and still running, Select answers degraded at once (one probe at a time).
     """
 
     def __init__(
-        self, inner: Scorer, prior: SnapshotPriorScorer, metrics: Metrics | None = None
+        self,
+        inner: Scorer,
+        prior: SnapshotPriorScorer,
+        metrics: Metrics | None = None,
+        store: BudgetedStore | None = None,
     ) -> None:
         self.inner = inner
         self.prior = prior
         self.metrics = metrics
+        self.store = store
         self._hold_until = -float("inf")
         self._hold_reason = ""
         self._refresh: asyncio.Task[None] | None = None
@@ -214,6 +247,13 @@ class DegradingScorer:
         now = time.monotonic()
         if now < self._hold_until:
             return self._degraded(candidates, "unavailable", self._hold_reason)
+        if self.store is not None and self.store.abandoned:
+            return self._degraded(
+                candidates,
+                "slow",
+                f"the graph store is slow: {self.store.abandoned} earlier read(s) still "
+                f"running past the {self.store.budget_ms:g} ms budget",
+            )
         deadline = CALL_DEADLINE.get()
         timeout: float | None = None
         if deadline is not None:
