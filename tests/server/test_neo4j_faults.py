@@ -177,20 +177,6 @@ def test_neo4j_killed_under_load_loses_no_acknowledged_write(
     assert all(counts[k] == 1 for k in present), {k: counts[k] for k in present if counts[k] != 1}
     assert all(counts[k] == 0 for k in out.refused), [k for k in out.refused if counts[k]]
     assert _query_count(clean_neo4j) == len(present) + 3 + 1  # + seeds + after-restart
-    # Nothing half written: user versions and pair counts match the stored queries.
-    with GraphDatabase.driver(clean_neo4j.uri, auth=clean_neo4j.auth()) as driver:
-        users, _, _ = driver.execute_query(
-            "MATCH (u:User) OPTIONAL MATCH (u)-[:SUBMITTED]->(q:Query) "
-            "RETURN u.version AS version, count(q) AS n",
-            database_=clean_neo4j.credentials.database,
-        )
-        games, _, _ = driver.execute_query(
-            "MATCH (p:PairCount) RETURN sum(p.wins_a + p.wins_b) AS n",
-            database_=clean_neo4j.credentials.database,
-        )
-    assert all(r["version"] == r["n"] for r in users), [dict(r) for r in users]
-    assert games[0]["n"] == len(present) + 3 + 1  # every request is one comparison
-
     # Concurrent retries of one request (same key) on the recovered server: stored once.
     check_same_key_results(concurrent_same_key(address, "same-key-neo4j", "fault-user-1"))
     assert _counts_by_key(clean_neo4j, ["same-key-neo4j"]) == {"same-key-neo4j": 1}
@@ -205,6 +191,22 @@ def test_neo4j_killed_under_load_loses_no_acknowledged_write(
         f"degraded={len(degraded)} degraded_latency_ms p50={lat[len(lat) // 2]:.0f} "
         f"max={lat[-1]:.0f} neo4j_restart_s={restart_s:.1f} recovered_after_s={recovered_s:.2f}"
     )
+
+    # Nothing half written: user versions and pair counts match the stored queries.
+    with GraphDatabase.driver(clean_neo4j.uri, auth=clean_neo4j.auth()) as driver:
+        users, _, _ = driver.execute_query(
+            "MATCH (u:User) OPTIONAL MATCH (u)-[:SUBMITTED]->(q:Query) "
+            "RETURN u.version AS version, count(q) AS n",
+            database_=clean_neo4j.credentials.database,
+        )
+        games, _, _ = driver.execute_query(
+            "MATCH (p:PairCount) RETURN sum(p.wins_a + p.wins_b) AS n",
+            database_=clean_neo4j.credentials.database,
+        )
+    assert games[0]["n"] == len(present) + 3 + 1 + 1  # each request is one comparison
+    # (checked last so that the exactly-once checks above always run; seen failing once:
+    # a user's version 2 below its 4 stored queries after the kill, see the report)
+    assert all(r["version"] == r["n"] for r in users), [dict(r) for r in users]
 
 
 def test_stalled_neo4j_degrades_select_and_keeps_record_exact(
