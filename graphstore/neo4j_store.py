@@ -69,7 +69,7 @@ from neo4j import (
 from neo4j import exceptions as neo4j_errors
 from neo4j.api import AsyncBookmarkManager
 
-from graphstore.errors import StoreUnavailableError
+from graphstore.errors import CommitOutcomeUnknownError, StoreUnavailableError
 from graphstore.factory import Neo4jCredentials
 from graphstore.interactions import (
     Interaction,
@@ -426,7 +426,15 @@ class Neo4jGraphStore(GraphStore):
         embedding_dim: Query-embedding dimension ``D``; every interaction must match it.
         max_transaction_retry_time_s: How long a managed transaction retries transient
             errors (lost leader, deadlock, connection dropped) before giving up.
-        connection_timeout_s: TCP connect timeout per attempt.
+        connection_timeout_s: TCP connect timeout per attempt, in seconds.
+        connection_acquisition_timeout_s: Longest wait for a connection from the pool
+            (connecting included), in seconds; past it the call fails with
+            :class:`StoreUnavailableError` instead of waiting (the driver's default is 60 s).
+
+    Errors: every failure is a :class:`StoreUnavailableError` (nothing of the call was
+    written), except a connection lost while a write's commit was in flight:
+    :class:`CommitOutcomeUnknownError` (the write may or may not be stored; retry with the
+    same idempotency key).
     """
 
     def __init__(
@@ -437,6 +445,7 @@ class Neo4jGraphStore(GraphStore):
         *,
         max_transaction_retry_time_s: float = 15.0,
         connection_timeout_s: float = 5.0,
+        connection_acquisition_timeout_s: float = 60.0,
     ) -> None:
         self.uri = uri
         self.credentials = credentials
@@ -444,6 +453,7 @@ class Neo4jGraphStore(GraphStore):
         self.embedding_dim = embedding_dim
         self.max_transaction_retry_time_s = max_transaction_retry_time_s
         self.connection_timeout_s = connection_timeout_s
+        self.connection_acquisition_timeout_s = connection_acquisition_timeout_s
         #: Write transactions committed so far (one per group commit); for tests and metrics.
         self.write_transactions = 0
         self._driver: AsyncDriver | None = None
@@ -470,6 +480,7 @@ class Neo4jGraphStore(GraphStore):
                 self.uri,
                 auth=auth,
                 connection_timeout=self.connection_timeout_s,
+                connection_acquisition_timeout=self.connection_acquisition_timeout_s,
                 max_transaction_retry_time=self.max_transaction_retry_time_s,
                 user_agent="gmtrouter-graphstore",
                 # "relationship type does not exist yet" on a fresh database is expected.
@@ -522,6 +533,12 @@ class Neo4jGraphStore(GraphStore):
                 f"during {what}; check NEO4J_USER / NEO4J_PASSWORD "
                 f"({type(exc).__name__}: {getattr(exc, 'code', None) or 'auth failed'})"
             )
+        # IncompleteCommit is a ServiceUnavailable: it must be told apart first.
+        if isinstance(exc, neo4j_errors.IncompleteCommit):
+            return CommitOutcomeUnknownError(
+                f"{where}: the connection dropped while committing ({what}); the write may or "
+                f"may not be stored, retry with the same idempotency key"
+            )
         if isinstance(
             exc,
             neo4j_errors.ServiceUnavailable
@@ -530,11 +547,6 @@ class Neo4jGraphStore(GraphStore):
         ):
             return StoreUnavailableError(
                 f"{where} is unavailable during {what}: {type(exc).__name__}: {exc}"
-            )
-        if isinstance(exc, neo4j_errors.IncompleteCommit):
-            return StoreUnavailableError(
-                f"{where}: the connection dropped while committing ({what}); the write may or "
-                f"may not be stored, retry with the same idempotency key"
             )
         return StoreUnavailableError(f"{where} failed during {what}: {type(exc).__name__}: {exc}")
 

@@ -32,9 +32,10 @@ from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
 from server.config import Settings
+from server.degraded import CALL_DEADLINE, BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.metrics import InstrumentedStore, Metrics
 from server.routing import RoutingService
-from server.scoring import PriorScorer, Scorer
+from server.scoring import Scorer
 from server.security import BearerAuth, load_tokens, server_credentials
 from server.servicer import RouterServicer
 
@@ -48,6 +49,9 @@ SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 class _AccessLog(grpc.aio.ServerInterceptor):
     """One log line per RPC (method, user id, latency in ms, status code) and its metrics.
+
+    It also publishes each unary call's gRPC deadline (:data:`server.degraded.CALL_DEADLINE`,
+    local to the call's task) so that Select can answer degraded before it expires.
 
     Args:
         metrics: Where RPC counts, latencies, in-flight gauges and Select decisions go.
@@ -104,6 +108,8 @@ class _AccessLog(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 start = _begin()
                 exc: BaseException | None = None
+                remaining = context.time_remaining()
+                CALL_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
                 try:
                     response = await inner_uu(request, context)
                     if metrics is not None:
@@ -199,19 +205,25 @@ def build_scorer(
     store: GraphStore,
     encoder: TextEncoder,
     executor: concurrent.futures.Executor,
-) -> Scorer:
-    """The network scorer when ``model_path`` is set, else the Bradley–Terry prior.
+    metrics: Metrics | None = None,
+) -> DegradingScorer:
+    """The network scorer when ``model_path`` is set, else the Bradley–Terry prior; wrapped so
+    that Select answers degraded when the store is down or slow (``server/degraded.py``).
+
+    Every store read of the scorer gives up after ``store.select_timeout_ms``.
 
     Raises:
         model.checkpoint.CheckpointError: the checkpoint is missing, corrupt or does not match
             the configuration (at start, not at the first request).
     """
-    prior = PriorScorer(store, settings.prior.refresh_s, settings.prior.prior_strength)
+    budgeted = BudgetedStore(store, settings.store.select_timeout_ms)
+    prior = SnapshotPriorScorer(budgeted, settings.prior.refresh_s, settings.prior.prior_strength)
+    inner: Scorer = prior
     if settings.gmtrouter.model_path:
         from server.personalization import NetworkScorer
 
-        return NetworkScorer.from_settings(settings, store, encoder, executor, prior)
-    return prior
+        inner = NetworkScorer.from_settings(settings, budgeted, encoder, executor, prior)
+    return DegradingScorer(inner, prior, metrics, budgeted)
 
 
 class RouterServer:
@@ -240,6 +252,7 @@ class RouterServer:
             embedding_dim=settings.embedding.dim,
             neo4j=Neo4jCredentials(creds.user, creds.password.get_secret_value(), creds.database),
         )
+        _apply_store_timeouts(self.store, settings)
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.server.max_workers, thread_name_prefix="torch"
         )
@@ -287,15 +300,15 @@ class RouterServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.store.open()
         store = InstrumentedStore(self.store, self.metrics)
-        scorer = build_scorer(self.settings, store, self.encoder, self.executor)
+        scorer = build_scorer(self.settings, store, self.encoder, self.executor, self.metrics)
         self.service = RoutingService(self.settings, store, scorer, self.encoder, self.executor)
         if self.settings.gmtrouter.model_path and self.settings.gmtrouter.learn_preferences:
             from server.learning import OnlineLearner
             from server.personalization import NetworkScorer
 
-            assert isinstance(scorer, NetworkScorer)
+            assert isinstance(scorer.inner, NetworkScorer)
             self.learner = OnlineLearner(
-                self.settings, store, scorer, self.metrics, self.service.notify_all
+                self.settings, store, scorer.inner, self.metrics, self.service.notify_all
             )
             await self.learner.start()
         router_pb2_grpc.add_RouterServiceServicer_to_server(
@@ -340,7 +353,7 @@ class RouterServer:
             "serving",
             address=f"{cfg.host}:{self.port}",
             store=_redact(self.settings.store.uri),
-            scorer=type(scorer).__name__,
+            scorer=type(scorer.inner).__name__,
             tls=("mtls" if cfg.tls.require_client_auth else "tls") if credentials else "off",
             auth_tokens=len(tokens),
             metrics_port=self.metrics_port or None,
@@ -361,6 +374,19 @@ class RouterServer:
         self.metrics.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         log.info("stopped")
+
+
+def _apply_store_timeouts(store: GraphStore, settings: Settings) -> None:
+    """Give a Neo4j store (not yet open) the ``store.*`` timeouts, so that a call fails fast
+    with UNAVAILABLE when Neo4j is down instead of waiting for the driver's defaults (60 s
+    connection acquisition, 30 s transaction retries)."""
+    from graphstore.neo4j_store import Neo4jGraphStore
+
+    if isinstance(store, Neo4jGraphStore):
+        cfg = settings.store
+        store.connection_timeout_s = cfg.connect_timeout_s
+        store.connection_acquisition_timeout_s = cfg.acquire_timeout_s
+        store.max_transaction_retry_time_s = cfg.retry_time_s
 
 
 def _redact(uri: str) -> str:

@@ -164,6 +164,30 @@ class StoreSettings(_Section):
         description="sqlite:///PATH (embedded, default), or neo4j:// / bolt:// / neo4j+s://.",
     )
     neo4j: Neo4jSettings = Neo4jSettings()
+    connect_timeout_s: float = Field(
+        2.0, gt=0, le=120, description="Neo4j: TCP connect timeout per attempt, in seconds."
+    )
+    acquire_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Neo4j: longest wait for a pooled connection (connecting included), in "
+        "seconds; then the call fails UNAVAILABLE.",
+    )
+    retry_time_s: float = Field(
+        2.0,
+        ge=0,
+        le=300,
+        description="Neo4j: how long a transaction is retried on transient errors (store "
+        "unreachable, deadlock, lost leader), in seconds; then the call fails UNAVAILABLE.",
+    )
+    select_timeout_ms: float = Field(
+        500.0,
+        gt=0,
+        le=60000,
+        description="Select: longest wait for each graph-store read, in ms; a slower or "
+        "failing store makes Select answer degraded from the last Bradley-Terry prior fit.",
+    )
 
 
 class SamplerSettings(_Section):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import grpc
 
-from graphstore.errors import InvalidInteractionError, StoreUnavailableError
+from graphstore.errors import (
+    CommitOutcomeUnknownError,
+    InvalidInteractionError,
+    StoreUnavailableError,
+)
 
 
 class RoutingError(Exception):
@@ -33,6 +37,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidInteractionError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
+    # UNAVAILABLE is the RecordResponse contract: not written ("not written: …") or, when
+    # the commit was in flight as the connection dropped, "outcome unknown: …" (retry with
+    # the same idempotency_key). See README "Faults".
+    (CommitOutcomeUnknownError, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )

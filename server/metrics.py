@@ -11,6 +11,10 @@ over HTTP on ``server.metrics_port``. Series (all prefixed ``gmtrouter_``):
 * ``select_decisions_total{method}``: Select answers by decision method (``bt_prior``,
   ``gmtrouter``, ``*_cold_start``, ``degraded_*``): the cold-start share is
   ``sum(rate(...{method=~".*cold_start"})) / sum(rate(...))``.
+* ``select_degraded_total{reason}``: Select answers given without the graph store
+  (``server/degraded.py``): ``unavailable`` (the store failed, or failed less than a second
+  ago), ``slow`` (a read took longer than ``store.select_timeout_ms``), ``deadline`` (the
+  call's gRPC deadline came first).
 * ``model_info{model_version}`` (always 1): the scoring model version of the latest Select.
 * ``users_deleted_total``: successful DeleteUser calls.
 * ``fine_tune_rounds_total{outcome}``, ``model_swaps_total{source}`` and ``trainer`` (0/1):
@@ -114,6 +118,13 @@ class Metrics:
             "gmtrouter_select_decisions",
             "Select answers by decision method (cold start, personalized, prior, degraded).",
             ["method"],
+            registry=r,
+        )
+        self.select_degraded = Counter(
+            "gmtrouter_select_degraded",
+            "Select answers given without the graph store, by reason (unavailable, slow, "
+            "deadline).",
+            ["reason"],
             registry=r,
         )
         self.model_info = Gauge(

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from graphstore.errors import CommitOutcomeUnknownError, StoreUnavailableError
 from graphstore.interactions import Interaction, new_interaction_id, normalise_rating
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
@@ -35,6 +36,11 @@ from server.errors import InvalidRequestError
 from server.scoring import Scorer
 
 log = structlog.get_logger(__name__)
+
+#: Start of the UNAVAILABLE message of a RecordResponse refused before the commit.
+RECORD_NOT_WRITTEN = "not written"
+#: Start of the UNAVAILABLE message of a RecordResponse whose commit outcome is unknown.
+RECORD_OUTCOME_UNKNOWN = "outcome unknown"
 
 
 class RoutingService:
@@ -171,7 +177,11 @@ class RoutingService:
                 scale or not finite; neither query text nor embedding; an
                 ``interaction_id`` with ':' or control characters or longer than
                 ``limits.max_user_id_chars``.
-            StoreUnavailableError: the store failed; nothing was written.
+            CommitOutcomeUnknownError: the store connection dropped while the commit was in
+                flight; the message starts with :data:`RECORD_OUTCOME_UNKNOWN`. Retrying
+                with the same idempotency key stores it exactly once.
+            StoreUnavailableError: the store failed before committing; nothing was written
+                (the message starts with :data:`RECORD_NOT_WRITTEN`).
         """
         self._check_user(rec.user_id)
         self._check_query(rec.query, rec.query_embedding)
@@ -238,7 +248,17 @@ class RoutingService:
             rating=rating,
             comparison=c,
         )
-        (result,) = await self.store.record([interaction])
+        try:
+            (result,) = await self.store.record([interaction])
+        except CommitOutcomeUnknownError as exc:
+            raise CommitOutcomeUnknownError(
+                f"{RECORD_OUTCOME_UNKNOWN}: {exc}. Retry with the same idempotency_key "
+                f"(or interaction_id): a stored interaction is then reported as a duplicate"
+            ) from exc
+        except StoreUnavailableError as exc:
+            raise StoreUnavailableError(
+                f"{RECORD_NOT_WRITTEN}: {exc}. Nothing of this request is stored; retry later"
+            ) from exc
         if not result.duplicate:
             self.scorer.invalidate(rec.user_id)
             self._notify(rec.user_id)
