@@ -258,6 +258,11 @@ RETURN name, turns, embeddings
 ORDER BY name
 """
 
+_USER_VERSION = """
+OPTIONAL MATCH (u:User {user_id: $user_id})
+RETURN coalesce(u.version, 0) AS version
+"""
+
 _COUNTS = """
 RETURN COUNT { (:User) } AS user,
        COUNT { (:LLM) } AS llm,
@@ -859,19 +864,24 @@ class Neo4jGraphStore(GraphStore):
             raise self._unavailable(exc, what) from exc
 
     async def user_version(self, user_id: str) -> int:
-        """See :meth:`GraphStore.user_version`."""
+        """See :meth:`GraphStore.user_version`.
 
-        async def work(tx: AsyncManagedTransaction) -> int:
-            rec = await (
-                await tx.run(
-                    "OPTIONAL MATCH (u:User {user_id: $user_id}) "
-                    "RETURN coalesce(u.version, 0) AS version",
-                    user_id=user_id,
-                )
-            ).single(strict=True)
-            return int(rec["version"])
-
-        return int(await self._read(work, "user_version"))
+        One auto-commit read (a single idempotent statement needs no managed transaction: one
+        round trip less per call), run once more after a transient error or a lost connection
+        (what the driver marks retryable).
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._session() as session:
+                    result = await session.run(_USER_VERSION, user_id=user_id)
+                    rec = await result.single(strict=True)
+                return int(rec["version"])
+            except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+                if attempt == 1 and exc.is_retryable():
+                    log.info("user_version: %s; retrying once", type(exc).__name__)
+                    continue
+                raise self._unavailable(exc, "user_version") from exc
+        raise AssertionError("unreachable")
 
     async def list_models(self) -> list[str]:
         """See :meth:`GraphStore.list_models`."""
