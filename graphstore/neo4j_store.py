@@ -112,11 +112,18 @@ SCHEMA: tuple[str, ...] = (
 
 _TURN_MAP = "{.turn_id, .interaction_id, .user_id, .session_id, .turn_index, .llm, .outcome, .ts}"
 
+# The write path's statements are large: planning one takes seconds on a busy machine, and
+# Neo4j re-plans a cached query whenever the store's statistics drift (often while the graph
+# is young). Their plans do not depend on statistics (every lookup is a unique-constraint seek
+# or a hinted index seek), so they keep the first plan.
+_NO_REPLAN = "CYPHER replan=skip"
+
 # The last turns of a session: how many turns it has, the greatest ``turn_index`` and the
 # turns at that index. A turn appended after them (a greater index) links to one of them and
 # changes no other turn's previous turn. Runs per row of ``s`` ({user_id, session_id}).
 _SESSION_TAIL = f"""  CALL (s) {{
     OPTIONAL MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
+      USING INDEX t:Turn(user_id, session_id)
     WITH count(t) AS n, max(t.turn_index) AS top, collect(t) AS turns
     RETURN n, top, [x IN turns WHERE x.turn_index = top | x {_TURN_MAP}] AS tail
   }}
@@ -124,7 +131,7 @@ _SESSION_TAIL = f"""  CALL (s) {{
 
 # First statement of a write: which keys and ids are stored already, and the tails of the
 # sessions the batch touches (to link appended turns without reading whole sessions).
-_READ_STATE = f"""
+_READ_STATE = f"""{_NO_REPLAN}
 CALL () {{
   UNWIND $keys AS key
   MATCH (q:Query {{idempotency_key: key}})
@@ -148,7 +155,7 @@ RETURN by_key, known_ids, tails
 # a turn since the first statement: the caller then re-links that session). Pair counts come
 # last (every writer updates the same few nodes: their locks are held for the shortest time);
 # a new PairCount gets its MODEL_A/MODEL_B edges, an existing one is only updated.
-_WRITE = f"""
+_WRITE = f"""{_NO_REPLAN}
 CALL () {{
   UNWIND $users AS row
   MERGE (u:User {{user_id: row.user_id}})
