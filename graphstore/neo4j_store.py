@@ -115,7 +115,9 @@ _TURN_MAP = "{.turn_id, .interaction_id, .user_id, .session_id, .turn_index, .ll
 # The write path's statements are large: planning one takes seconds on a busy machine, and
 # Neo4j re-plans a cached query whenever the store's statistics drift (often while the graph
 # is young). Their plans do not depend on statistics (every lookup is a unique-constraint seek
-# or a hinted index seek), so they keep the first plan.
+# or a hinted index seek), so they keep the first plan. Their inputs travel as one map ``$p``:
+# Neo4j caches a plan per parameter types, and an empty list is not typed like a list of maps,
+# so separate list parameters that are sometimes empty would each need a plan of their own.
 _NO_REPLAN = "CYPHER replan=skip"
 
 # The last turns of a session: how many turns it has, the greatest ``turn_index`` and the
@@ -133,17 +135,17 @@ _SESSION_TAIL = f"""  CALL (s) {{
 # sessions the batch touches (to link appended turns without reading whole sessions).
 _READ_STATE = f"""{_NO_REPLAN}
 CALL () {{
-  UNWIND $keys AS key
+  UNWIND $p.keys AS key
   MATCH (q:Query {{idempotency_key: key}})
   RETURN collect([key, q.interaction_id]) AS by_key
 }}
 CALL () {{
-  UNWIND $ids AS id
+  UNWIND $p.ids AS id
   MATCH (q:Query {{interaction_id: id}})
   RETURN collect(id) AS known_ids
 }}
 CALL () {{
-  UNWIND $sessions AS s
+  UNWIND $p.sessions AS s
 {_SESSION_TAIL} AS tails
 }}
 RETURN by_key, known_ids, tails
@@ -157,21 +159,21 @@ RETURN by_key, known_ids, tails
 # a new PairCount gets its MODEL_A/MODEL_B edges, an existing one is only updated.
 _WRITE = f"""{_NO_REPLAN}
 CALL () {{
-  UNWIND $users AS row
+  UNWIND $p.users AS row
   MERGE (u:User {{user_id: row.user_id}})
     ON CREATE SET u.version = 0
   SET u.version = u.version + row.writes
 }}
 CALL () {{
-  UNWIND $appends AS s
+  UNWIND $p.appends AS s
 {_SESSION_TAIL} AS tails
 }}
 CALL () {{
-  UNWIND $names AS name
+  UNWIND $p.names AS name
   MERGE (:LLM {{name: name}})
 }}
 CALL () {{
-  UNWIND $rows AS row
+  UNWIND $p.rows AS row
   MATCH (u:User {{user_id: row.query.user_id}})
   CREATE (q:Query)
   SET q = row.query
@@ -191,12 +193,12 @@ CALL () {{
          (t)-[:HAS_RESPONSE]->(r)
 }}
 CALL () {{
-  UNWIND $links AS link
+  UNWIND $p.links AS link
   MATCH (t:Turn {{turn_id: link.turn_id}}), (p:Turn {{turn_id: link.prev_id}})
   CREATE (t)-[:FOLLOWS]->(p)
 }}
 CALL () {{
-  UNWIND $pairs AS pair
+  UNWIND $p.pairs AS pair
   MERGE (p:PairCount {{model_a: pair.model_a, model_b: pair.model_b}})
     ON CREATE SET p.wins_a = pair.wins_a, p.wins_b = pair.wins_b
     ON MATCH SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
@@ -752,9 +754,11 @@ class Neo4jGraphStore(GraphStore):
         record = await (
             await tx.run(
                 _READ_STATE,
-                keys=keys,
-                ids=ids,
-                sessions=[{"user_id": u, "session_id": s} for u, s in sessions],
+                p={
+                    "keys": keys,
+                    "ids": ids,
+                    "sessions": [{"user_id": u, "session_id": s} for u, s in sessions],
+                },
             )
         ).single(strict=True)
         by_key = {k: i for k, i in record["by_key"]}
@@ -767,12 +771,14 @@ class Neo4jGraphStore(GraphStore):
         written = await (
             await tx.run(
                 _WRITE,
-                users=plan.users(),
-                appends=appends,
-                names=plan.llms(),
-                rows=rows,
-                links=plan.links,
-                pairs=plan.pairs(),
+                p={
+                    "users": plan.users(),
+                    "appends": appends,
+                    "names": plan.llms(),
+                    "rows": rows,
+                    "links": plan.links,
+                    "pairs": plan.pairs(),
+                },
             )
         ).single(strict=True)
         relink = set(plan.relink)
