@@ -14,6 +14,7 @@ when missing). Histories are written straight into the store before the server s
 Usage::
 
     .venv/bin/python -m bench.run [--out bench/results/latest.json] [--quick] [--no-neo4j]
+        [--only-neo4j] [--neo4j-bolt-port 27687] [--neo4j-http-port 27474]
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ WORK = REPO / "out" / "bench"
 CHECKPOINT = WORK / "ckpt.pt"
 DIM = 384
 NEO4J_HOME = REPO / "tools" / "neo4j" / ".run-bench"
-NEO4J_BOLT_PORT = 27687
-NEO4J_HTTP_PORT = 27474
+#: Ports of the bench's Neo4j (``--neo4j-bolt-port`` / ``--neo4j-http-port`` change them).
+NEO4J_PORTS = {"bolt": 27687, "http": 27474}
 HISTORY_SIZES = (10, 100, 1_000, 10_000)
 MAIN_HISTORY = 50
 CONCURRENCY = 32
@@ -454,8 +455,8 @@ def neo4j_env() -> dict[str, str]:
     env = {
         **os.environ,
         "NEO4J_HOME_DIR": str(NEO4J_HOME),
-        "NEO4J_BOLT_PORT": str(NEO4J_BOLT_PORT),
-        "NEO4J_HTTP_PORT": str(NEO4J_HTTP_PORT),
+        "NEO4J_BOLT_PORT": str(NEO4J_PORTS["bolt"]),
+        "NEO4J_HTTP_PORT": str(NEO4J_PORTS["http"]),
     }
     env.pop("NEO4J_PASSWORD", None)
     return env
@@ -579,8 +580,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"))
     ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
     ap.add_argument("--no-neo4j", action="store_true", help="skip the Neo4j figures")
+    ap.add_argument(
+        "--only-neo4j",
+        action="store_true",
+        help="only the Neo4j figures (their baselines: health checks on the same server)",
+    )
+    ap.add_argument("--neo4j-bolt-port", type=int, default=NEO4J_PORTS["bolt"])
+    ap.add_argument("--neo4j-http-port", type=int, default=NEO4J_PORTS["http"])
     ap.add_argument("--train-steps", type=int, default=60)
     args = ap.parse_args(argv)
+    if args.no_neo4j and args.only_neo4j:
+        ap.error("--no-neo4j and --only-neo4j exclude each other")
+    NEO4J_PORTS.update(bolt=args.neo4j_bolt_port, http=args.neo4j_http_port)
     n = 300 if args.quick else 1000
     n_small = 100 if args.quick else 300
     dur = 3.0 if args.quick else 8.0
@@ -600,64 +611,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["checkpoint"].update({"version": version, "candidates": cands})
 
         # -- embedded store: preload, serve ---------------------------------------------------
-        from graphstore.sqlite_store import SQLiteGraphStore
+        detail: dict[str, Any] = {}
+        rss_sqlite = None
+        if not args.only_neo4j:
+            from graphstore.sqlite_store import SQLiteGraphStore
 
-        db = WORK / "graph.db"
-        for p in WORK.glob("graph.db*"):
-            p.unlink()
-        users = {"bench-u50": MAIN_HISTORY}
-        users.update({f"bench-h{k}": k for k in HISTORY_SIZES})
-        users.update({f"bench-c{w:02d}": MAIN_HISTORY for w in range(CONCURRENCY)})
-        t0 = time.perf_counter()
-        written = asyncio.run(preload(SQLiteGraphStore(db, DIM), users, cands))
-        log(f"preloaded {written} interactions into SQLite in {time.perf_counter() - t0:.1f}s")
+            db = WORK / "graph.db"
+            for p in WORK.glob("graph.db*"):
+                p.unlink()
+            users = {"bench-u50": MAIN_HISTORY}
+            users.update({f"bench-h{k}": k for k in HISTORY_SIZES})
+            users.update({f"bench-c{w:02d}": MAIN_HISTORY for w in range(CONCURRENCY)})
+            t0 = time.perf_counter()
+            written = asyncio.run(preload(SQLiteGraphStore(db, DIM), users, cands))
+            log(f"preloaded {written} interactions into SQLite in {time.perf_counter() - t0:.1f}s")
 
-        srv = Server("sqlite", f"sqlite:///{db}", server_config())
-        with running(srv):
-            with grpc.insecure_channel(srv.address) as ch:
-                log("select (embedding) ...")
-                main_block = select_block(ch, "bench-u50", cands, n)
-                log("select (text) ...")
-                text_block = select_block(ch, "bench-u50", cands, n_small, texts=True, warm=20)
-                log("history scaling ...")
-                scaling = {
-                    str(k): select_block(ch, f"bench-h{k}", cands, n_small) for k in HISTORY_SIZES
+            srv = Server("sqlite", f"sqlite:///{db}", server_config())
+            with running(srv):
+                with grpc.insecure_channel(srv.address) as ch:
+                    log("select (embedding) ...")
+                    main_block = select_block(ch, "bench-u50", cands, n)
+                    log("select (text) ...")
+                    text_block = select_block(ch, "bench-u50", cands, n_small, texts=True, warm=20)
+                    log("history scaling ...")
+                    scaling = {
+                        str(k): select_block(ch, f"bench-h{k}", cands, n_small)
+                        for k in HISTORY_SIZES
+                    }
+                    # every throughput user in the cache before the clock starts
+                    stub = router_pb2_grpc.RouterServiceStub(ch)
+                    one = unit_rows(np.random.default_rng(3), 1)[0]
+                    for w in range(CONCURRENCY):
+                        stub.Select(select_request(f"bench-c{w:02d}", cands, one))
+                log("throughput c32 ...")
+                h_rps = with_cpu(srv, lambda: health_rps(srv.address, dur))
+                s_rps = with_cpu(srv, lambda: select_rps(srv.address, cands, dur))
+                log("record c32 (SQLite) ...")
+                r_rps_sqlite = with_cpu(
+                    srv, lambda: record_rps(srv.address, cands, dur / 2, "sqlite")
+                )
+                rss_sqlite = srv.peak_rss_mb()
+
+            sel = main_block["select"]
+            hl = main_block["health"]
+            result.update(
+                {
+                    "health_p50_ms": hl["p50_ms"],
+                    "select_p50_ms": sel["p50_ms"],
+                    "select_p99_ms": sel["p99_ms"],
+                    "ratio_select_to_health": round(sel["p50_ms"] / hl["p50_ms"], 2),
+                    "select_text_p50_ms": text_block["select"]["p50_ms"],
+                    "throughput_rps_c32": s_rps["rps"],
+                    "history_scaling": {k: b["select"]["p50_ms"] for k, b in scaling.items()},
                 }
-                # every throughput user in the cache before the clock starts
-                stub = router_pb2_grpc.RouterServiceStub(ch)
-                one = unit_rows(np.random.default_rng(3), 1)[0]
-                for w in range(CONCURRENCY):
-                    stub.Select(select_request(f"bench-c{w:02d}", cands, one))
-            log("throughput c32 ...")
-            h_rps = with_cpu(srv, lambda: health_rps(srv.address, dur))
-            s_rps = with_cpu(srv, lambda: select_rps(srv.address, cands, dur))
-            log("record c32 (SQLite) ...")
-            r_rps_sqlite = with_cpu(srv, lambda: record_rps(srv.address, cands, dur / 2, "sqlite"))
-            rss_sqlite = srv.peak_rss_mb()
-
-        sel = main_block["select"]
-        hl = main_block["health"]
-        result.update(
-            {
-                "health_p50_ms": hl["p50_ms"],
-                "select_p50_ms": sel["p50_ms"],
-                "select_p99_ms": sel["p99_ms"],
-                "ratio_select_to_health": round(sel["p50_ms"] / hl["p50_ms"], 2),
-                "select_text_p50_ms": text_block["select"]["p50_ms"],
-                "throughput_rps_c32": s_rps["rps"],
-                "history_scaling": {k: b["select"]["p50_ms"] for k, b in scaling.items()},
-            }
-        )
-        result["history_scaling_ratio_10000_to_10"] = round(
-            scaling["10000"]["select"]["p50_ms"] / scaling["10"]["select"]["p50_ms"], 2
-        )
-        detail: dict[str, Any] = {
-            "select": main_block,
-            "select_text": text_block,
-            "history_scaling": scaling,
-            "throughput_c32": {"select": s_rps, "health_baseline": h_rps},
-            "record_c32_sqlite": r_rps_sqlite,
-        }
+            )
+            result["history_scaling_ratio_10000_to_10"] = round(
+                scaling["10000"]["select"]["p50_ms"] / scaling["10"]["select"]["p50_ms"], 2
+            )
+            detail.update(
+                {
+                    "select": main_block,
+                    "select_text": text_block,
+                    "history_scaling": scaling,
+                    "throughput_c32": {"select": s_rps, "health_baseline": h_rps},
+                    "record_c32_sqlite": r_rps_sqlite,
+                }
+            )
 
         # -- Neo4j ----------------------------------------------------------------------------
         rss_neo = None
@@ -670,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from graphstore.factory import Neo4jCredentials
             from graphstore.neo4j_store import Neo4jGraphStore
 
-            uri = f"bolt://127.0.0.1:{NEO4J_BOLT_PORT}"
+            uri = f"bolt://127.0.0.1:{NEO4J_PORTS['bolt']}"
             result["machine"]["versions"]["neo4j-server"] = neo4j_version(uri)
             t0 = time.perf_counter()
             asyncio.run(
@@ -690,16 +709,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log("record c32 (Neo4j) ...")
                 r_warm = record_rps(nsrv.address, cands, dur / 2, "neo4j-warm-up")
                 r_rps = with_cpu(nsrv, lambda: record_rps(nsrv.address, cands, dur, "neo4j"))
+                h_rps_neo = with_cpu(nsrv, lambda: health_rps(nsrv.address, dur / 2))
                 rss_neo = nsrv.peak_rss_mb()
             result["select_neo4j_p50_ms"] = neo_block["select"]["p50_ms"]
+            result["select_neo4j_health_p50_ms"] = neo_block["health"]["p50_ms"]
             result["record_rps_neo4j"] = r_rps["rps"]
+            result["health_rps_c32_neo4j_server"] = h_rps_neo["rps"]
             detail["select_neo4j"] = neo_block
-            detail["record_c32_neo4j"] = {**r_rps, "warm_up_before": r_warm}
+            detail["record_c32_neo4j"] = {
+                **r_rps,
+                "warm_up_before": r_warm,
+                "health_baseline": h_rps_neo,
+            }
         else:
             result["select_neo4j_p50_ms"] = None
             result["record_rps_neo4j"] = None
 
-        result["rss_mb"] = max(x for x in (rss_sqlite, rss_neo) if x is not None)
+        result["rss_mb"] = max((x for x in (rss_sqlite, rss_neo) if x is not None), default=None)
         result["rss_mb_by_server"] = {"sqlite": rss_sqlite, "neo4j": rss_neo}
         result["detail"] = detail
     finally:

@@ -39,10 +39,17 @@ on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, sessio
 
 Writes: concurrent :meth:`~Neo4jGraphStore.record` calls are grouped into one managed write
 transaction (group commit); a call returns once the transaction holding its rows has
-committed. Inside it, duplicates are found first (``idempotency_key``, then
-``interaction_id``, as the SQLite store does), then user nodes are locked in sorted order and
-their versions bumped, then queries, turns and responses are created with ``UNWIND``, pair
-counts and ``FOLLOWS`` edges updated. A concurrent writer (another replica) racing on the
+committed, and up to :data:`MAX_CONCURRENT_WRITES` such transactions are in flight at once.
+A transaction runs two statements in the common case. The first reads which keys and ids
+are stored already (``idempotency_key``, then ``interaction_id``, as the SQLite store does)
+and the last turns of every session the group touches. The second locks the user nodes in
+sorted order and bumps their versions, reads those session tails again under the locks,
+creates queries, turns and responses with ``UNWIND``, the ``FOLLOWS`` edges of the new turns
+and updates the pair counts (a ``PairCount`` gets its ``MODEL_A``/``MODEL_B`` edges when it
+is created). A new turn whose ``turn_index`` is greater than every stored turn of its session
+(an append, the usual case) is linked from the session's tail alone; a session that got a
+late turn, or whose tail changed between the two statements (another writer), is re-linked
+as a whole in the same transaction. A concurrent writer (another replica) racing on the
 same id or key hits a uniqueness constraint; the transaction rolls back and is run again,
 where the duplicate check now sees the other writer's row.
 
@@ -57,7 +64,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from neo4j import (
@@ -122,63 +129,102 @@ SCHEMA: tuple[str, ...] = (
 
 _TURN_MAP = "{.turn_id, .interaction_id, .user_id, .session_id, .turn_index, .llm, .outcome, .ts}"
 
-_FIND_DUPLICATES = """
-CALL () {
-  UNWIND $keys AS key
-  MATCH (q:Query {idempotency_key: key})
+# The write path's statements are large: planning one takes seconds on a busy machine, and
+# Neo4j re-plans a cached query whenever the store's statistics drift (often while the graph
+# is young). Their plans do not depend on statistics (every lookup is a unique-constraint seek
+# or a hinted index seek), so they keep the first plan. Their inputs travel as one map ``$p``:
+# Neo4j caches a plan per parameter types, and an empty list is not typed like a list of maps,
+# so separate list parameters that are sometimes empty would each need a plan of their own.
+_NO_REPLAN = "CYPHER replan=skip"
+
+# The last turns of a session: how many turns it has, the greatest ``turn_index`` and the
+# turns at that index. A turn appended after them (a greater index) links to one of them and
+# changes no other turn's previous turn. Runs per row of ``s`` ({user_id, session_id}).
+_SESSION_TAIL = f"""  CALL (s) {{
+    OPTIONAL MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
+      USING INDEX t:Turn(user_id, session_id)
+    WITH count(t) AS n, max(t.turn_index) AS top, collect(t) AS turns
+    RETURN n, top, [x IN turns WHERE x.turn_index = top | x {_TURN_MAP}] AS tail
+  }}
+  RETURN collect({{user_id: s.user_id, session_id: s.session_id, n: n, top: top, tail: tail}})"""
+
+# First statement of a write: which keys and ids are stored already, and the tails of the
+# sessions the batch touches (to link appended turns without reading whole sessions).
+_READ_STATE = f"""{_NO_REPLAN}
+CALL () {{
+  UNWIND $p.keys AS key
+  MATCH (q:Query {{idempotency_key: key}})
   RETURN collect([key, q.interaction_id]) AS by_key
-}
-CALL () {
-  UNWIND $ids AS id
-  MATCH (q:Query {interaction_id: id})
+}}
+CALL () {{
+  UNWIND $p.ids AS id
+  MATCH (q:Query {{interaction_id: id}})
   RETURN collect(id) AS known_ids
-}
-RETURN by_key, known_ids
+}}
+CALL () {{
+  UNWIND $p.sessions AS s
+{_SESSION_TAIL} AS tails
+}}
+RETURN by_key, known_ids, tails
 """
 
-# Locks the user nodes (in the order given: sorted) before anything else is written, so that
-# two writers touching one user are serialised and FOLLOWS edges are computed consistently.
-_BUMP_USERS = """
-UNWIND $users AS row
-MERGE (u:User {user_id: row.user_id})
-  ON CREATE SET u.version = 0
-SET u.version = u.version + row.writes
-"""
-
-_MERGE_LLMS = """
-UNWIND $names AS name
-MERGE (:LLM {name: name})
-"""
-
-_CREATE_INTERACTIONS = """
-UNWIND $rows AS row
-MATCH (u:User {user_id: row.query.user_id})
-CREATE (q:Query)
-SET q = row.query
-CREATE (u)-[:SUBMITTED]->(q)
-WITH u, q, row
-UNWIND row.turns AS turn
-MATCH (m:LLM {name: turn.llm})
-CREATE (t:Turn)
-SET t = turn
-CREATE (r:Response {response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome})
-SET r.text = row.texts[turn.llm]
-CREATE (q)-[:RECEIVED]->(r),
-       (r)-[:GENERATED_BY]->(m),
-       (t)-[:OF_USER]->(u),
-       (t)-[:ASKED]->(q),
-       (t)-[:ANSWERED_BY]->(m),
-       (t)-[:HAS_RESPONSE]->(r)
-"""
-
-_ADD_PAIR_COUNTS = """
-UNWIND $pairs AS pair
-MATCH (a:LLM {name: pair.model_a}), (b:LLM {name: pair.model_b})
-MERGE (p:PairCount {model_a: pair.model_a, model_b: pair.model_b})
-  ON CREATE SET p.wins_a = 0.0, p.wins_b = 0.0
-SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
-MERGE (p)-[:MODEL_A]->(a)
-MERGE (p)-[:MODEL_B]->(b)
+# Second statement: everything else, in one round trip. User nodes are locked first, in the
+# order given (sorted), so that two writers touching one user are serialised; the tails of
+# the appended sessions are read again under those locks (a concurrent writer may have added
+# a turn since the first statement: the caller then re-links that session). Pair counts come
+# last (every writer updates the same few nodes: their locks are held for the shortest time);
+# a new PairCount gets its MODEL_A/MODEL_B edges, an existing one is only updated.
+_WRITE = f"""{_NO_REPLAN}
+CALL () {{
+  UNWIND $p.users AS row
+  MERGE (u:User {{user_id: row.user_id}})
+    ON CREATE SET u.version = 0
+  SET u.version = u.version + row.writes
+}}
+CALL () {{
+  UNWIND $p.appends AS s
+{_SESSION_TAIL} AS tails
+}}
+CALL () {{
+  UNWIND $p.names AS name
+  MERGE (:LLM {{name: name}})
+}}
+CALL () {{
+  UNWIND $p.rows AS row
+  MATCH (u:User {{user_id: row.query.user_id}})
+  CREATE (q:Query)
+  SET q = row.query
+  CREATE (u)-[:SUBMITTED]->(q)
+  WITH u, q, row
+  UNWIND row.turns AS turn
+  MATCH (m:LLM {{name: turn.llm}})
+  CREATE (t:Turn)
+  SET t = turn
+  CREATE (r:Response {{response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome}})
+  SET r.text = row.texts[turn.llm]
+  CREATE (q)-[:RECEIVED]->(r),
+         (r)-[:GENERATED_BY]->(m),
+         (t)-[:OF_USER]->(u),
+         (t)-[:ASKED]->(q),
+         (t)-[:ANSWERED_BY]->(m),
+         (t)-[:HAS_RESPONSE]->(r)
+}}
+CALL () {{
+  UNWIND $p.links AS link
+  MATCH (t:Turn {{turn_id: link.turn_id}}), (p:Turn {{turn_id: link.prev_id}})
+  CREATE (t)-[:FOLLOWS]->(p)
+}}
+CALL () {{
+  UNWIND $p.pairs AS pair
+  MERGE (p:PairCount {{model_a: pair.model_a, model_b: pair.model_b}})
+    ON CREATE SET p.wins_a = pair.wins_a, p.wins_b = pair.wins_b
+    ON MATCH SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
+  WITH p, pair
+  WHERE NOT EXISTS {{ (p)-[:MODEL_A]->(:LLM) }}
+  MATCH (a:LLM {{name: pair.model_a}}), (b:LLM {{name: pair.model_b}})
+  CREATE (p)-[:MODEL_A]->(a), (p)-[:MODEL_B]->(b)
+}}
+RETURN tails
 """
 
 _SESSION_TURNS = f"""
@@ -238,6 +284,11 @@ RETURN name, turns, embeddings
 ORDER BY name
 """
 
+_USER_VERSION = """
+OPTIONAL MATCH (u:User {user_id: $user_id})
+RETURN coalesce(u.version, 0) AS version
+"""
+
 _COUNTS = """
 RETURN COUNT { (:User) } AS user,
        COUNT { (:LLM) } AS llm,
@@ -293,8 +344,40 @@ RETURN deleted
 
 _Pending = tuple[list[Interaction], asyncio.Future[list[RecordResult]]]
 
+#: (user_id, session_id) of a session.
+_SessionKey = tuple[str, str]
+
+
+class _Tail(NamedTuple):
+    """A session's stored turns as :data:`_SESSION_TAIL` reads them.
+
+    ``n`` turns in all, ``top`` the greatest ``turn_index`` (0 when ``n`` is 0) and ``turns``
+    the turns at that index, sorted by ``turn_id``.
+    """
+
+    n: int
+    top: int
+    turns: tuple[TurnRow, ...]
+
+
+_EMPTY_TAIL = _Tail(0, 0, ())
+
+
+def _tails(records: list[dict[str, Any]]) -> dict[_SessionKey, _Tail]:
+    out: dict[_SessionKey, _Tail] = {}
+    for r in records:
+        turns = tuple(sorted((_turn_row(t) for t in r["tail"]), key=lambda t: t.turn_id))
+        top = int(r["top"]) if r["top"] is not None else 0
+        out[(r["user_id"], r["session_id"])] = _Tail(int(r["n"]), top, turns)
+    return out
+
+
 #: A group commit takes whole ``record`` calls until it holds at least this many interactions.
 MAX_GROUP_INTERACTIONS = 2000
+
+#: Write transactions (group commits) one store keeps in flight at once: while one commits,
+#: the next group is already being written.
+MAX_CONCURRENT_WRITES = 2
 
 #: Attempts of one write group when a concurrent writer wins a uniqueness race.
 _CONSTRAINT_ATTEMPTS = 3
@@ -409,12 +492,42 @@ class _Plan:
     def pairs(self) -> list[dict[str, Any]]:
         return [
             {"model_a": p.model_a, "model_b": p.model_b, "wins_a": p.wins_a, "wins_b": p.wins_b}
-            for p in pair_counts_from(self.new)
+            for p in sorted(pair_counts_from(self.new), key=lambda p: (p.model_a, p.model_b))
         ]
 
-    def sessions(self) -> list[dict[str, str]]:
-        keys = sorted({(it.user_id, it.session_id) for it in self.new if it.session_id})
-        return [{"user_id": u, "session_id": s} for u, s in keys]
+    def link(self, rows: list[dict[str, Any]], tails: dict[_SessionKey, _Tail]) -> None:
+        """Plan the ``FOLLOWS`` edges of the new turns from the tails of their sessions.
+
+        A session whose new turns all have a greater ``turn_index`` than every stored turn is
+        an append: its new turns link among themselves and to the stored turns at the greatest
+        index (:func:`_previous_turns` over those, the rule the whole session would give), and
+        no stored turn's previous turn changes. Any other session is re-linked as a whole
+        after the write (:attr:`relink`).
+        """
+        new_turns: dict[_SessionKey, list[TurnRow]] = {}
+        for row in rows:
+            for turn in row["turns"]:
+                if turn["session_id"]:
+                    key = (turn["user_id"], turn["session_id"])
+                    new_turns.setdefault(key, []).append(_turn_row(turn))
+        #: Sessions linked here, with the tail they were linked against (checked under lock).
+        self.appends: dict[_SessionKey, _Tail] = {}
+        #: Sessions to re-link as a whole (read every turn, fix what differs).
+        self.relink: set[_SessionKey] = set()
+        #: FOLLOWS edges to create: {turn_id, prev_id}.
+        self.links: list[dict[str, str]] = []
+        for key in sorted(new_turns):
+            turns = new_turns[key]
+            tail = tails.get(key, _EMPTY_TAIL)
+            if tail.n and min(t.turn_index for t in turns) <= tail.top:
+                self.relink.add(key)
+                continue
+            self.appends[key] = tail
+            prev = _previous_turns([*tail.turns, *turns])
+            for t in turns:
+                p = prev[t.turn_id]
+                if p is not None:
+                    self.links.append({"turn_id": t.turn_id, "prev_id": p})
 
 
 class Neo4jGraphStore(GraphStore):
@@ -459,7 +572,9 @@ class Neo4jGraphStore(GraphStore):
         self._driver: AsyncDriver | None = None
         self._bookmarks: AsyncBookmarkManager | None = None
         self._pending: list[_Pending] = []
-        self._flush_task: asyncio.Task[None] | None = None
+        #: Group commits in flight at once (see MAX_CONCURRENT_WRITES).
+        self.max_concurrent_writes = MAX_CONCURRENT_WRITES
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:  # never shows the password
         return (
@@ -514,8 +629,8 @@ class Neo4jGraphStore(GraphStore):
 
     async def close(self) -> None:
         """Commit whatever is pending, then close the driver. Safe to call twice."""
-        if self._flush_task is not None:
-            await asyncio.shield(self._flush_task)
+        while self._flushes:
+            await asyncio.shield(asyncio.wait(set(self._flushes)))
         if self._driver is not None:
             driver, self._driver = self._driver, None
             await driver.close()
@@ -564,8 +679,7 @@ class Neo4jGraphStore(GraphStore):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[RecordResult]] = loop.create_future()
         self._pending.append((batch, fut))
-        if self._flush_task is None or self._flush_task.done():
-            self._flush_task = asyncio.create_task(self._flush_loop())
+        self._start_flushes()
         return await asyncio.shield(fut)
 
     def _take_group(self) -> list[_Pending]:
@@ -577,25 +691,37 @@ class Neo4jGraphStore(GraphStore):
             size += len(entry[0])
         return group
 
+    def _start_flushes(self) -> None:
+        """Start flush tasks for the pending calls, up to ``max_concurrent_writes`` at once."""
+        while self._pending and len(self._flushes) < max(self.max_concurrent_writes, 1):
+            task = asyncio.create_task(self._flush_loop())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
     async def _flush_loop(self) -> None:
+        # A task takes its group when it first runs, so that the calls made meanwhile (in the
+        # same event-loop turn) join it.
         while self._pending:
-            group = self._take_group()
-            try:
-                results = await self._write_group([batch for batch, _ in group])
-            except Exception as exc:
-                err = self._as_unavailable(exc)
-                if len(group) > 1 and self._is_batch_error(err):
-                    # Not a connectivity problem: one call's rows may be at fault. Write the
-                    # calls one by one so that the others still go through.
-                    await self._write_each(group)
-                    continue
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(err)
-                continue
-            for (_, fut), res in zip(group, results, strict=True):
+            await self._flush(self._take_group())
+
+    async def _flush(self, group: list[_Pending]) -> None:
+        """Write one group; each call's future gets its results or StoreUnavailableError."""
+        try:
+            results = await self._write_group([batch for batch, _ in group])
+        except Exception as exc:
+            err = self._as_unavailable(exc)
+            if len(group) > 1 and self._is_batch_error(err):
+                # Not a connectivity problem: one call's rows may be at fault. Write the
+                # calls one by one so that the others still go through.
+                await self._write_each(group)
+                return
+            for _, fut in group:
                 if not fut.done():
-                    fut.set_result(res)
+                    fut.set_exception(err)
+            return
+        for (_, fut), res in zip(group, results, strict=True):
+            if not fut.done():
+                fut.set_result(res)
 
     def _as_unavailable(self, exc: Exception) -> StoreUnavailableError:
         if isinstance(exc, StoreUnavailableError):
@@ -650,27 +776,54 @@ class Neo4jGraphStore(GraphStore):
     async def _write_tx(
         tx: AsyncManagedTransaction, items: list[Interaction]
     ) -> list[RecordResult]:
+        """Two statements in the common case: read the state, then write (module docstring)."""
         keys = sorted({it.idempotency_key for it in items if it.idempotency_key})
         ids = sorted({it.interaction_id for it in items})
-        record = await (await tx.run(_FIND_DUPLICATES, keys=keys, ids=ids)).single(strict=True)
+        sessions = sorted({(it.user_id, it.session_id) for it in items if it.session_id})
+        record = await (
+            await tx.run(
+                _READ_STATE,
+                p={
+                    "keys": keys,
+                    "ids": ids,
+                    "sessions": [{"user_id": u, "session_id": s} for u, s in sessions],
+                },
+            )
+        ).single(strict=True)
         by_key = {k: i for k, i in record["by_key"]}
         plan = _Plan(items, by_key, set(record["known_ids"]))
         if not plan.new:
             return plan.results
-        await (await tx.run(_BUMP_USERS, users=plan.users())).consume()
-        await (await tx.run(_MERGE_LLMS, names=plan.llms())).consume()
-        await (await tx.run(_CREATE_INTERACTIONS, rows=plan.rows())).consume()
-        pairs = plan.pairs()
-        if pairs:
-            await (await tx.run(_ADD_PAIR_COUNTS, pairs=pairs)).consume()
-        sessions = plan.sessions()
-        if sessions:
-            await Neo4jGraphStore._relink_sessions(tx, sessions)
+        rows = plan.rows()
+        plan.link(rows, _tails(record["tails"]))
+        appends = [{"user_id": u, "session_id": s} for u, s in plan.appends]
+        written = await (
+            await tx.run(
+                _WRITE,
+                p={
+                    "users": plan.users(),
+                    "appends": appends,
+                    "names": plan.llms(),
+                    "rows": rows,
+                    "links": plan.links,
+                    "pairs": plan.pairs(),
+                },
+            )
+        ).single(strict=True)
+        relink = set(plan.relink)
+        for key, tail in _tails(written["tails"]).items():
+            if tail != plan.appends[key]:
+                # Another writer added to the session between the two statements.
+                relink.add(key)
+        if relink:
+            await Neo4jGraphStore._relink_sessions(
+                tx, [{"user_id": u, "session_id": s} for u, s in sorted(relink)]
+            )
         return plan.results
 
     @staticmethod
     async def _relink_sessions(tx: AsyncManagedTransaction, sessions: list[dict[str, str]]) -> None:
-        """Bring the FOLLOWS edges of the touched sessions up to date (turns may come late)."""
+        """Bring the FOLLOWS edges of whole sessions up to date (a turn came late)."""
         result = await tx.run(_SESSION_TURNS, sessions=sessions)
         turns: list[TurnRow] = []
         current: dict[str, str | None] = {}
@@ -682,7 +835,9 @@ class Neo4jGraphStore(GraphStore):
         changed = [tid for tid, prev in wanted.items() if current.get(tid) != prev]
         if not changed:
             return
-        await (await tx.run(_DROP_FOLLOWS, turn_ids=changed)).consume()
+        linked = [tid for tid in changed if current.get(tid) is not None]
+        if linked:
+            await (await tx.run(_DROP_FOLLOWS, turn_ids=linked)).consume()
         links = [
             {"turn_id": tid, "prev_id": wanted[tid]} for tid in changed if wanted[tid] is not None
         ]
@@ -751,19 +906,24 @@ class Neo4jGraphStore(GraphStore):
             raise self._unavailable(exc, what) from exc
 
     async def user_version(self, user_id: str) -> int:
-        """See :meth:`GraphStore.user_version`."""
+        """See :meth:`GraphStore.user_version`.
 
-        async def work(tx: AsyncManagedTransaction) -> int:
-            rec = await (
-                await tx.run(
-                    "OPTIONAL MATCH (u:User {user_id: $user_id}) "
-                    "RETURN coalesce(u.version, 0) AS version",
-                    user_id=user_id,
-                )
-            ).single(strict=True)
-            return int(rec["version"])
-
-        return int(await self._read(work, "user_version"))
+        One auto-commit read (a single idempotent statement needs no managed transaction: one
+        round trip less per call), run once more after a transient error or a lost connection
+        (what the driver marks retryable).
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._session() as session:
+                    result = await session.run(_USER_VERSION, user_id=user_id)
+                    rec = await result.single(strict=True)
+                return int(rec["version"])
+            except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
+                if attempt == 1 and exc.is_retryable():
+                    log.info("user_version: %s; retrying once", type(exc).__name__)
+                    continue
+                raise self._unavailable(exc, "user_version") from exc
+        raise AssertionError("unreachable")
 
     async def list_models(self) -> list[str]:
         """See :meth:`GraphStore.list_models`."""

@@ -1,0 +1,178 @@
+"""The Neo4j store's ``FOLLOWS`` edges against the rule of ``link_previous_turns``.
+
+A write links the turns it appends to a session (every new ``turn_index`` greater than the
+stored ones) from the session's last turns only, and re-links the whole session otherwise (a
+turn recorded late) or when another writer added to the session between its read and its
+write. These tests record turns in orders that take each path and compare the stored edges
+with the previous turns the SQLite store gives for the same interactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from neo4j import GraphDatabase
+
+import graphstore.neo4j_store as neo4j_store
+from graphstore.interactions import Comparison, Interaction
+from graphstore.sqlite_store import SQLiteGraphStore
+from tests.graphstore.test_store_contract import DIM, make, open_neo4j, turn_table
+
+if TYPE_CHECKING:
+    from tests.neo4j_fixtures import Neo4jTarget
+
+pytestmark = pytest.mark.neo4j
+
+MODELS = ("m-a", "m-b", "m-c")
+
+
+def stored_follows(target: Neo4jTarget) -> dict[str, str]:
+    """turn_id → previous turn_id, as the FOLLOWS edges in the database say."""
+    with GraphDatabase.driver(target.uri, auth=target.auth()) as driver:
+        records = driver.execute_query(
+            "MATCH (t:Turn)-[:FOLLOWS]->(p:Turn) RETURN t.turn_id AS t, p.turn_id AS p",
+            database_=target.credentials.database or "neo4j",
+        ).records
+    out: dict[str, str] = {}
+    for r in records:
+        assert r["t"] not in out, f"{r['t']} has two FOLLOWS edges"
+        out[r["t"]] = r["p"]
+    return out
+
+
+async def expected_follows(items: list[Interaction]) -> dict[str, str]:
+    """turn_id → previous turn_id by the shared rule (via the SQLite store's sampler)."""
+    ref = SQLiteGraphStore(":memory:", embedding_dim=DIM)
+    await ref.open()
+    try:
+        await ref.record(items)
+        out: dict[str, str] = {}
+        for user in sorted({it.user_id for it in items}):
+            n = await ref.neighbourhood(user, hops=2, fan_out=(100_000, 8, 0))
+            out.update({tid: row[4] for tid, row in turn_table(n).items() if row[4] is not None})
+        return out
+    finally:
+        await ref.close()
+
+
+def random_items(seed: int, n: int) -> list[Interaction]:
+    """Interactions of 2 users in 3 sessions each; turn indexes repeat, come late and tie."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        a, b = rng.sample(MODELS, 2)
+        kind = rng.random()
+        items.append(
+            make(
+                1000 * seed + i,
+                user=f"u{rng.randrange(2)}",
+                session=f"s{rng.randrange(3)}",
+                turn=rng.randrange(6),
+                model=a,
+                ts=float(rng.randrange(5)),  # equal times: the turn id breaks ties
+                comparison=Comparison(a, b, tie=kind < 0.1) if kind < 0.6 else None,
+                rating=rng.random() if 0.6 <= kind < 0.8 else None,
+            )
+        )
+    return items
+
+
+async def test_appended_turns_link_to_the_session_tail(clean_neo4j: Neo4jTarget) -> None:
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        items = [
+            make(1, turn=0, comparison=Comparison("m-a", "m-b")),
+            make(2, turn=1, model="m-b"),
+            make(3, turn=2, comparison=Comparison("m-a", "m-c")),
+            make(4, turn=2, model="m-c", ts=2.5),  # a second turn at index 2
+            make(5, turn=4, model="m-a"),  # index 3 never comes
+        ]
+        for it in items:
+            await s.record([it])
+        # Two appended turns of one session in one write.
+        more = [make(6, turn=5, model="m-b"), make(7, turn=6, model="m-a")]
+        await s.record(more)
+        items += more
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+        assert stored_follows(clean_neo4j)["i0003:m-c"] == "i0002:m-b"
+    finally:
+        await s.close()
+
+
+async def test_late_turns_relink_the_session(clean_neo4j: Neo4jTarget) -> None:
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        items = [make(3, turn=3, model="m-a"), make(1, turn=1, model="m-a")]
+        for it in items:
+            await s.record([it])
+        assert stored_follows(clean_neo4j) == {"i0003:m-a": "i0001:m-a"}
+        # Turn 2 comes late: turn 3 now follows it.
+        late = [make(2, turn=2, comparison=Comparison("m-b", "m-a"))]
+        await s.record(late)
+        items += late
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+        assert stored_follows(clean_neo4j)["i0003:m-a"] == "i0002:m-a"
+        # A late turn and an appended one of the same session in one write.
+        mixed = [make(0, turn=0, model="m-b"), make(4, turn=7, model="m-c")]
+        await s.record(mixed)
+        items += mixed
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+    finally:
+        await s.close()
+
+
+async def test_a_turn_written_between_read_and_write_is_relinked(
+    clean_neo4j: Neo4jTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tail read under the user's lock differs from the first read: re-link."""
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        await s.record([make(1, turn=0, model="m-a"), make(2, turn=1, model="m-a")])
+        real = neo4j_store._tails
+        calls: list[int] = []
+
+        def stale_first_read(records: list[dict[str, Any]]) -> Any:
+            calls.append(len(records))
+            # The first read "saw" the session before turns 0 and 1 were written.
+            return {} if len(calls) == 1 else real(records)
+
+        monkeypatch.setattr(neo4j_store, "_tails", stale_first_read)
+        await s.record([make(3, turn=2, model="m-a")])
+        assert len(calls) == 2
+        items = [make(1, turn=0), make(2, turn=1), make(3, turn=2)]
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+        assert stored_follows(clean_neo4j)["i0003:m-a"] == "i0002:m-a"
+    finally:
+        await s.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_orders_and_concurrent_writers(clean_neo4j: Neo4jTarget, seed: int) -> None:
+    """Two stores (two replicas) write shuffled turns at once, in groups of random sizes."""
+    a, b = open_neo4j(clean_neo4j), open_neo4j(clean_neo4j)
+    await a.open()
+    await b.open()
+    try:
+        items = random_items(seed, 60)
+        rng = random.Random(seed)
+        calls = []
+        i = 0
+        while i < len(items):
+            k = rng.randint(1, 4)
+            calls.append(items[i : i + k])
+            i += k
+        for lo in range(0, len(calls), 6):
+            await asyncio.gather(
+                *((a if j % 2 else b).record(c) for j, c in enumerate(calls[lo : lo + 6]))
+            )
+        assert (await a.counts())["interaction"] == len(items)
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+    finally:
+        await a.close()
+        await b.close()
