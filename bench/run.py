@@ -264,7 +264,10 @@ class Server:
 
 def server_config(workers: int = 1) -> dict[str, Any]:
     return {
-        "decision": {"algorithm": {"gmtrouter": {"model_path": str(CHECKPOINT)}}},
+        # Serving only: no online fine-tuning rounds competing for the cores mid-measurement.
+        "decision": {
+            "algorithm": {"gmtrouter": {"model_path": str(CHECKPOINT), "learn_preferences": False}}
+        },
         "logging": {"format": "json"},
         "server": {"max_workers": workers},
     }
