@@ -143,12 +143,13 @@ async def test_store_errors_are_counted() -> None:
         running(store=_FailingPairs(":memory:", embedding_dim=DIM)) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
     ):
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await router_pb2_grpc.RouterServiceStub(ch).Select(select_request(), timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Select still answers (degraded: server/degraded.py); the store error is counted.
+        resp = await router_pb2_grpc.RouterServiceStub(ch).Select(select_request(), timeout=10)
+        assert resp.method.startswith("degraded_")
         m = parse(generate_latest(app.metrics.registry).decode())
     assert value(m, "gmtrouter_store_errors_total", operation="pair_counts") == 1
-    assert value(m, "gmtrouter_rpc_requests_total", method="Select", code="UNAVAILABLE") == 1
+    assert value(m, "gmtrouter_rpc_requests_total", method="Select", code="OK") == 1
+    assert value(m, "gmtrouter_select_degraded_total", reason="unavailable") == 1
 
 
 async def test_metrics_port_clash_does_not_stop_serving() -> None:

@@ -59,6 +59,8 @@ def settings(checkpoint: Path, role: str, **learning: Any) -> Any:
         {
             "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
             "server": {"port": 0, "metrics_port": 0},
+            # Not a test of degraded answers: a cold Neo4j may take seconds to plan a read.
+            "store": {"select_timeout_ms": 30_000},
             "learning": {
                 "role": role,
                 "check_interval_s": 0.5,
@@ -200,7 +202,8 @@ async def test_fine_tuning_swaps_weights_under_load_and_reaches_the_other_replic
         while isinstance(after, pb.PreferenceUpdate) and after.model_version == base_version:
             after = await asyncio.wait_for(stream.read(), timeout=30)  # feedback updates first
         assert isinstance(after, pb.PreferenceUpdate)
-        assert after.model_version != base_version and after.user_id == "user0"
+        assert after.user_id == "user0" and after.method == "gmtrouter"
+        assert after.model_version in {r.new_version for r in accepted}
         stream.cancel()
         published = await store_a.latest_model()
         assert published is not None and published.base_version == base_version
