@@ -28,6 +28,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gmtrouter.v1 import router_pb2, router_pb2_grpc
+from graphstore.errors import StoreUnavailableError
 from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
@@ -346,6 +347,7 @@ class RouterServer:
             warm = getattr(scorer, "warm_up", None)
             if warm is not None:
                 await warm()
+            await _warm_store_reads(store, self.settings)
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -387,6 +389,22 @@ def _apply_store_timeouts(store: GraphStore, settings: Settings) -> None:
         store.connection_timeout_s = cfg.connect_timeout_s
         store.connection_acquisition_timeout_s = cfg.acquire_timeout_s
         store.max_transaction_retry_time_s = cfg.retry_time_s
+
+
+async def _warm_store_reads(store: GraphStore, settings: Settings) -> None:
+    """Run each Select-path read once before SERVING, without a time budget.
+
+    Neo4j plans a query on its first run (seconds on a busy machine); without this the first
+    Selects after a start would exceed ``store.select_timeout_ms`` and answer degraded. A
+    failing store is only logged here (Select degrades until it answers).
+    """
+    s = settings.sampler
+    try:
+        await store.user_version("__warm_up__")
+        await store.neighbourhood("__warm_up__", s.hops, s.fan_out)
+        await store.pair_counts()
+    except StoreUnavailableError as exc:
+        log.warning("store reads not warmed up", error=str(exc))
 
 
 def _redact(uri: str) -> str:
