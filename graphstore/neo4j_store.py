@@ -1107,11 +1107,13 @@ RETURN {_PUBLISHED_FIELDS}
 ORDER BY w.seq DESC LIMIT 1
 """
 
-# Taken when free, expired or already the caller's; the MERGE locks the node, so callers
-# queue behind each other.
+# Taken when free, expired or already the caller's. MERGE alone does not lock an existing
+# node: the SET of locked_at takes its write lock first, so the holder and expiry read after
+# it are the latest committed ones and concurrent callers queue behind each other.
 _ACQUIRE_LEASE = """
 MERGE (l:TrainerLease {name: $name})
 ON CREATE SET l.holder = $holder, l.expires_at = 0
+SET l.locked_at = timestamp()
 WITH l, timestamp() AS now
 WITH l, now, (l.holder = $holder OR l.expires_at < now) AS take
 SET l.holder = CASE WHEN take THEN $holder ELSE l.holder END,

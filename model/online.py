@@ -1,14 +1,16 @@
 """Online fine-tuning: a served network learns from recently recorded comparisons.
 
-One fine-tuning round (:func:`fine_tune`) takes the most recent recorded comparisons (a replay
-window that contains the new ones, so the network is not pulled towards the last few users
-only), holds back a seeded random slice of the sessions, fine-tunes a *copy* of the served
-network on the rest with the training episodes of :func:`model.training.train_prepared`
-(history sessions in the graph, other sessions as Bradley–Terry targets; a lower learning
-rate, a step cap and a wall-clock budget), and scores the held-back pairs with the old and the
-new weights, each given the same user histories (the users' fit comparisons). The update is
-accepted only when the held-back Bradley–Terry log-loss improves by more than
-``min_improvement``; otherwise (or when training fails) the old weights stay.
+One fine-tuning round (:func:`fine_tune`) takes the most recent recorded comparisons (a
+replay window that contains the new ones, so the network is not pulled towards the last few
+users only) and holds back the sessions whose hashed names fall below ``holdout_fraction``
+(the same sessions in every round, so none of them was trained on by an earlier round). It
+fine-tunes a *copy* of the served network on the rest with the training episodes of
+:func:`model.training.train_prepared` (history sessions in the graph, other sessions as
+Bradley–Terry targets; a lower learning rate, a step cap and a wall-clock budget), then scores
+the held-back pairs with the old and the new weights, each given the same user histories (the
+users' fit comparisons). The update is accepted only when the held-back Bradley–Terry
+log-loss improves by more than ``min_improvement``; otherwise (or when training fails) the
+old weights stay.
 
 This module knows nothing about stores or servers; ``server/learning.py`` drives it.
 """
@@ -16,6 +18,8 @@ This module knows nothing about stores or servers; ``server/learning.py`` drives
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.data import FloatArray, IntArray, PreparedData, split_by_session
+from model.data import FloatArray, IntArray, PreparedData
 from model.metrics import pairwise_accuracy
 from model.network import GMTRouterNetwork
 from model.training import TrainConfig, cap_history, score_pairs, train_prepared
@@ -132,6 +136,33 @@ def prepare_comparisons(
     )
 
 
+def held_back_split(prep: PreparedData, fraction: float) -> tuple[IntArray, IntArray]:
+    """``(fit, held)`` comparison indices: a session is held back when a hash of its
+    ``(user, session)`` names falls below ``fraction``.
+
+    Deterministic, so a session held back in one round is held back in every round and was
+    never trained on by an earlier round: the acceptance test stays honest across rounds.
+    """
+    held_sessions = {
+        code
+        for code, name in enumerate(prep.session_names)
+        if _unit_hash(f"{prep.users[_session_user(prep, code)]}\x00{name}") < fraction
+    }
+    mask = np.array([int(s) in held_sessions for s in prep.session], dtype=bool)
+    idx = np.arange(prep.n, dtype=np.int64)
+    return idx[~mask], idx[mask]
+
+
+def _session_user(prep: PreparedData, code: int) -> int:
+    return int(prep.user[int(np.flatnonzero(prep.session == code)[0])])
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) from ``key`` (sha256)."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def _log_loss(diff: np.ndarray, y: np.ndarray, tie_weight: float) -> float:
     """Weighted Bradley–Terry log-loss (nats) of logit differences ``diff`` for outcomes ``y``."""
     d = torch.from_numpy(diff.astype(np.float32))
@@ -148,6 +179,7 @@ def fine_tune(
     *,
     seed: int,
     time_budget_s: float,
+    stop: threading.Event | None = None,
 ) -> FineTuneResult:
     """One fine-tuning round on ``prep``; see the module docstring.
 
@@ -158,15 +190,15 @@ def fine_tune(
         seed: Seed of the held-back split and of training.
         time_budget_s: Wall-clock budget of the training part (seconds); scoring the held-back
             slice comes on top (two eval passes).
+        stop: When set (server shutdown), training ends after the current step and the round
+            is rejected.
 
     Returns:
         :class:`FineTuneResult`. Not enough data (no held-back pair, or no user with two
         sessions left to train on) is a rejected round, not an error.
     """
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    all_idx = np.arange(prep.n, dtype=np.int64)
-    fit, held = split_by_session(prep, all_idx, config.holdout_fraction, rng)
+    fit, held = held_back_split(prep, config.holdout_fraction)
     metrics: dict[str, Any] = {"n_fit": len(fit), "n_holdout": len(held)}
     decided = held[prep.y[held] != 0.5] if len(held) else held
     if len(decided) == 0:
@@ -204,7 +236,10 @@ def fine_tune(
         init=network,
         time_budget_s=time_budget_s,
         desc="fine-tune gmtrouter",
+        stop=stop,
     )
+    if stop is not None and stop.is_set():
+        return FineTuneResult(network, False, "stopped (shutdown)", metrics)
     new_diff = score_pairs(res.network, prep, held, history)
     y = prep.y[held]
     base_loss = _log_loss(base_diff, y, config.tie_weight)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -121,6 +122,7 @@ def train_prepared(
     desc: str = "train gmtrouter",
     init: GMTRouterNetwork | None = None,
     time_budget_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
     """Train on comparisons ``train_idx`` of ``prep`` (a validation slice is carved inside).
 
@@ -134,6 +136,7 @@ def train_prepared(
         init: Start from a copy of these weights (fine-tuning); ``init`` itself is untouched.
         time_budget_s: Stop after the first step that ends past this many seconds (wall
             clock); ``metrics["stopped_early"]`` tells whether it did.
+        stop: Stop before the next step once this event is set (also ``stopped_early``).
 
     Returns:
         :class:`TrainResult`; the network is the best validation step's, in eval mode.
@@ -180,7 +183,8 @@ def train_prepared(
     steps_run = 0
     stopped_early = False
     for step in bar:
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+        out_of_time = time_budget_s is not None and time.perf_counter() - t0 > time_budget_s
+        if out_of_time or (stop is not None and stop.is_set()):
             stopped_early = True
             break
         steps_run = step

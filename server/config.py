@@ -288,21 +288,26 @@ class LearningSettings(_Section):
         0.2, gt=0, lt=1, description="Share of each user's sessions held back to accept/reject."
     )
     min_improvement: float = Field(
-        0.0, description="Accept only if held-back log-loss drops by more than this (nats)."
+        0.0, ge=0, description="Accept only if held-back log-loss drops by more than this (nats)."
     )
     poll_interval_s: float = Field(
         5.0, gt=0, le=3600, description="How often every replica checks for newer weights."
     )
     lease_ttl_s: float = Field(
-        90.0, gt=0, le=86400, description="Trainer lease lifetime (role auto); renewed each check."
+        180.0,
+        gt=0,
+        le=86400,
+        description="Trainer lease lifetime (role auto); renewed at each check and before "
+        "publishing; must exceed check_interval_s + time_budget_s.",
     )
 
     @model_validator(mode="after")
-    def _lease_outlives_checks(self) -> LearningSettings:
-        if self.role == "auto" and self.lease_ttl_s <= self.check_interval_s:
+    def _lease_outlives_a_round(self) -> LearningSettings:
+        if self.role == "auto" and self.lease_ttl_s <= self.check_interval_s + self.time_budget_s:
             raise ValueError(
-                f"lease_ttl_s (got {self.lease_ttl_s}) must exceed check_interval_s "
-                f"(got {self.check_interval_s}), or the trainer loses its lease between checks"
+                f"lease_ttl_s (got {self.lease_ttl_s}) must exceed check_interval_s + "
+                f"time_budget_s (got {self.check_interval_s} + {self.time_budget_s}), or the "
+                f"trainer's lease can expire during a round"
             )
         return self
 

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -123,6 +124,7 @@ class OnlineLearner:
             max_workers=1, thread_name_prefix="fine-tune"
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop = threading.Event()
         self._loaded_seq = 0
         self._trained_at: int | None = None
         #: Reports of the rounds this replica ran, oldest first (the last 100).
@@ -145,8 +147,10 @@ class OnlineLearner:
         """
         if not self.enabled:
             return
-        with contextlib.suppress(StoreUnavailableError):
+        try:
             await self.poll_once()
+        except StoreUnavailableError as exc:
+            log.warning("published weights not checked at start", error=str(exc))
         self._tasks.append(asyncio.create_task(self._poll_loop(), name="learning-poll"))
         if self.cfg.role != "follower":
             self._tasks.append(asyncio.create_task(self._train_loop(), name="learning-train"))
@@ -158,7 +162,8 @@ class OnlineLearner:
         )
 
     async def stop(self) -> None:
-        """Stop the loops. A round already training finishes in its thread, unpublished."""
+        """Stop the loops; a round already training stops after its current step, unpublished."""
+        self._stop.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -181,6 +186,7 @@ class OnlineLearner:
         Raises:
             StoreUnavailableError: the store failed.
         """
+        served = self.scorer.served
         latest = await self.store.latest_model()
         if latest is None or latest.seq <= self._loaded_seq:
             return False
@@ -204,12 +210,14 @@ class OnlineLearner:
             ckpt = await loop.run_in_executor(
                 None, lambda: load_checkpoint_bytes(blob, source=f"store:{latest.version}")
             )
+            if self.scorer.served is not served or latest.seq <= self._loaded_seq:
+                return False  # a round of this replica swapped meanwhile: never go back
             swapped = self.scorer.swap(ckpt)
         except CheckpointError as exc:
             self._loaded_seq = latest.seq
             log.error("published weights rejected", version=latest.version, error=str(exc))
             return False
-        self._loaded_seq = latest.seq
+        self._loaded_seq = max(self._loaded_seq, latest.seq)
         if swapped:
             self.metrics.model_swaps.labels("loaded").inc()
             self.metrics.set_model_version(ckpt.version)
@@ -289,35 +297,37 @@ class OnlineLearner:
         llm_x = base.llm_x.numpy()
         if extra:
             llm_x = np.concatenate([llm_x, (await self.scorer.llm_features(extra)).numpy()])
-        prep = prepare_comparisons(
-            user_ids=[r.user_id for r in rows],
-            session_ids=[r.session_id for r in rows],
-            turn_index=np.array([r.turn_index for r in rows], dtype=np.int64),
-            query_embedding=np.stack([r.query_embedding for r in rows]),
-            model_a=[r.winner_model for r in rows],
-            model_b=[r.loser_model for r in rows],
-            outcome_a=np.array([0.5 if r.tie else 1.0 for r in rows], dtype=np.float32),
-            models=models,
-            llm_x=llm_x,
-        )
         config = FineTuneConfig(
             steps=self.cfg.steps,
             lr=self.cfg.lr,
             holdout_fraction=self.cfg.holdout_fraction,
             min_improvement=self.cfg.min_improvement,
         )
+
+        def run_round() -> FineTuneResult:  # in the fine-tuning thread, never the event loop
+            prep = prepare_comparisons(
+                user_ids=[r.user_id for r in rows],
+                session_ids=[r.session_id for r in rows],
+                turn_index=np.array([r.turn_index for r in rows], dtype=np.int64),
+                query_embedding=np.stack([r.query_embedding for r in rows]),
+                model_a=[r.winner_model for r in rows],
+                model_b=[r.loser_model for r in rows],
+                outcome_a=np.array([0.5 if r.tie else 1.0 for r in rows], dtype=np.float32),
+                models=models,
+                llm_x=llm_x,
+            )
+            return fine_tune(
+                served.network,
+                prep,
+                config,
+                seed=interactions,
+                time_budget_s=self.cfg.time_budget_s,
+                stop=self._stop,
+            )
+
         loop = asyncio.get_running_loop()
         try:
-            result: FineTuneResult = await loop.run_in_executor(
-                self._trainer_pool,
-                lambda: fine_tune(
-                    served.network,
-                    prep,
-                    config,
-                    seed=interactions,
-                    time_budget_s=self.cfg.time_budget_s,
-                ),
-            )
+            result: FineTuneResult = await loop.run_in_executor(self._trainer_pool, run_round)
         except Exception as exc:
             log.exception("fine-tuning failed")
             return self._report(
@@ -328,6 +338,20 @@ class OnlineLearner:
             return self._report(
                 "rejected", result.reason, served, served, interactions, len(rows),
                 result.metrics, t0,
+            )  # fmt: skip
+        # Fencing: publish only weights fine-tuned from what is served now, by the trainer.
+        if self.scorer.served is not served:
+            return self._report(
+                "rejected", "other weights were swapped in during the round", served,
+                self.scorer.served, interactions, len(rows), result.metrics, t0,
+            )  # fmt: skip
+        if self.cfg.role == "auto" and not await self.store.acquire_lease(
+            LEASE_NAME, self.replica_id, self.cfg.lease_ttl_s
+        ):
+            self.is_trainer = False
+            return self._report(
+                "rejected", "the trainer lease was lost during the round", served, served,
+                interactions, len(rows), result.metrics, t0,
             )  # fmt: skip
         blob = await loop.run_in_executor(
             self._trainer_pool, lambda: checkpoint_bytes(base, result.network)

@@ -321,7 +321,8 @@ class RoutingService:
         ``streaming.poll_interval_s`` for writes made by other replicas (the store's per-user
         version is polled). A swap of the network weights (online learning,
         :meth:`notify_all`) re-ranks every subscribed user and sends the new rankings (with
-        the new ``model_version``) at once.
+        the new ``model_version``) at once. A ranking that came out degraded (store down or
+        slow) is recomputed at every poll until it is not.
         The generator runs until the consumer stops iterating.
 
         Raises:
@@ -352,7 +353,8 @@ class RoutingService:
                 generation = self._weights_generation
                 for u in users:
                     version = await self.store.user_version(u)
-                    if version == last[u].version and not swapped:
+                    degraded = last[u].method.startswith("degraded")
+                    if version == last[u].version and not swapped and not degraded:
                         continue
                     if version != last[u].version:
                         self.scorer.invalidate(u)
@@ -363,6 +365,7 @@ class RoutingService:
                         current.order != last[u].order
                         or current.version < last[u].version
                         or swapped
+                        or current.method != last[u].method  # e.g. back from degraded
                     )
                     last[u] = current
                     if changed:

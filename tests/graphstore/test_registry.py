@@ -84,6 +84,13 @@ async def test_lease_has_one_holder_until_it_expires(store: GraphStore) -> None:
         *(store.acquire_lease("contended", f"r{i}", ttl_s=30) for i in range(8))
     )
     assert sum(wins) == 1
+    # Many concurrent contenders for an existing but expired lease: exactly one wins.
+    assert await store.acquire_lease("expired", "old-holder", ttl_s=0.2)
+    await asyncio.sleep(0.4)
+    wins = await asyncio.gather(
+        *(store.acquire_lease("expired", f"r{i}", ttl_s=30) for i in range(8))
+    )
+    assert sum(wins) == 1
     # Expiry hands it over.
     assert await store.acquire_lease("short", "replica-a", ttl_s=0.3)
     assert not await store.acquire_lease("short", "replica-b", ttl_s=0.3)
