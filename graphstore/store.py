@@ -10,14 +10,11 @@ one store.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.registry import PublishedModel
-
-T = TypeVar("T")
 
 #: A pair count at or below this many games (on both sides) is removed by ``delete_user``.
 EMPTY_PAIR_GAMES = 1e-9
@@ -177,85 +174,3 @@ class GraphStore(abc.ABC):
             ValueError: ``ttl_s`` <= 0.
             StoreUnavailableError: the database failed.
         """
-
-
-class DelegatingStore(GraphStore):
-    """A store that passes every call on to ``inner`` through one hook, :meth:`_delegate`.
-
-    Subclasses (metrics, time budgets) override only the hook; attributes that are not part of
-    the interface (backend extras such as write counters) are read from ``inner``.
-
-    Args:
-        inner: The store calls go to.
-    """
-
-    def __init__(self, inner: GraphStore) -> None:
-        self.inner = inner
-        self.embedding_dim = inner.embedding_dim
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def _delegate(self, operation: str, call: Awaitable[T]) -> T:
-        """Await ``call``, the inner store's ``operation``; the default adds nothing."""
-        return await call
-
-    async def open(self) -> None:
-        """See :meth:`GraphStore.open`."""
-        await self._delegate("open", self.inner.open())
-
-    async def close(self) -> None:
-        """See :meth:`GraphStore.close`."""
-        await self._delegate("close", self.inner.close())
-
-    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
-        """See :meth:`GraphStore.record`."""
-        return await self._delegate("record", self.inner.record(interactions))
-
-    async def neighbourhood(
-        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
-    ) -> Neighbourhood:
-        """See :meth:`GraphStore.neighbourhood`."""
-        return await self._delegate(
-            "neighbourhood", self.inner.neighbourhood(user_id, hops, fan_out)
-        )
-
-    async def user_version(self, user_id: str) -> int:
-        """See :meth:`GraphStore.user_version`."""
-        return await self._delegate("user_version", self.inner.user_version(user_id))
-
-    async def list_models(self) -> list[str]:
-        """See :meth:`GraphStore.list_models`."""
-        return await self._delegate("list_models", self.inner.list_models())
-
-    async def pair_counts(self) -> list[PairCount]:
-        """See :meth:`GraphStore.pair_counts`."""
-        return await self._delegate("pair_counts", self.inner.pair_counts())
-
-    async def counts(self) -> dict[str, int]:
-        """See :meth:`GraphStore.counts`."""
-        return await self._delegate("counts", self.inner.counts())
-
-    async def delete_user(self, user_id: str) -> int:
-        """See :meth:`GraphStore.delete_user`."""
-        return await self._delegate("delete_user", self.inner.delete_user(user_id))
-
-    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
-        """See :meth:`GraphStore.recent_comparisons`."""
-        return await self._delegate("recent_comparisons", self.inner.recent_comparisons(limit))
-
-    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
-        """See :meth:`GraphStore.publish_model`."""
-        return await self._delegate("publish_model", self.inner.publish_model(model, blob))
-
-    async def latest_model(self) -> PublishedModel | None:
-        """See :meth:`GraphStore.latest_model`."""
-        return await self._delegate("latest_model", self.inner.latest_model())
-
-    async def load_model(self, version: str) -> bytes | None:
-        """See :meth:`GraphStore.load_model`."""
-        return await self._delegate("load_model", self.inner.load_model(version))
-
-    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
-        """See :meth:`GraphStore.acquire_lease`."""
-        return await self._delegate("acquire_lease", self.inner.acquire_lease(name, holder, ttl_s))

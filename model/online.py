@@ -143,15 +143,18 @@ def held_back_split(prep: PreparedData, fraction: float) -> tuple[IntArray, IntA
     Deterministic, so a session held back in one round is held back in every round and was
     never trained on by an earlier round: the acceptance test stays honest across rounds.
     """
-    owner = dict(zip(prep.session.tolist(), prep.user.tolist(), strict=True))
     held_sessions = {
         code
         for code, name in enumerate(prep.session_names)
-        if _unit_hash(f"{prep.users[owner[code]]}\x00{name}") < fraction
+        if _unit_hash(f"{prep.users[_session_user(prep, code)]}\x00{name}") < fraction
     }
     mask = np.array([int(s) in held_sessions for s in prep.session], dtype=bool)
     idx = np.arange(prep.n, dtype=np.int64)
     return idx[~mask], idx[mask]
+
+
+def _session_user(prep: PreparedData, code: int) -> int:
+    return int(prep.user[int(np.flatnonzero(prep.session == code)[0])])
 
 
 def _unit_hash(key: str) -> float:

@@ -32,7 +32,10 @@ import numpy.typing as npt
 import structlog
 
 from graphstore.errors import StoreTimeoutError, StoreUnavailableError
-from graphstore.store import DelegatingStore, GraphStore
+from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
+from graphstore.neighbourhood import Neighbourhood
+from graphstore.registry import PublishedModel
+from graphstore.store import GraphStore
 from server.metrics import Metrics
 from server.scoring import PriorScorer, Scorer, Scores
 
@@ -58,17 +61,11 @@ _RESERVE_FRACTION = 0.1
 _T = TypeVar("_T")
 
 
-#: The Select path's reads, the only calls :class:`BudgetedStore` puts a time budget on.
-BUDGETED_READS = frozenset(
-    {"neighbourhood", "user_version", "list_models", "pair_counts", "counts"}
-)
+class BudgetedStore(GraphStore):
+    """A store whose reads give up after ``budget_ms`` (for the Select path only).
 
-
-class BudgetedStore(DelegatingStore):
-    """A store whose Select-path reads (:data:`BUDGETED_READS`) give up after ``budget_ms``.
-
-    Every other call passes through untouched: a write is never abandoned half way (see
-    ``RoutingService.record``), and online learning's calls come from the background learner.
+    Writes are passed through untouched: a write is never abandoned half way (see
+    ``RoutingService.record``).
 
     Args:
         inner: The (opened) store.
@@ -78,13 +75,17 @@ class BudgetedStore(DelegatingStore):
     def __init__(self, inner: GraphStore, budget_ms: float) -> None:
         if budget_ms <= 0:
             raise ValueError(f"budget_ms (got {budget_ms}) must be > 0")
-        super().__init__(inner)
+        self.inner = inner
         self.budget_ms = budget_ms
+        self.embedding_dim = inner.embedding_dim
         #: Reads past their budget that are still running.
         self.abandoned = 0
 
-    async def _delegate(self, operation: str, call: Awaitable[_T]) -> _T:
-        """Await ``call``; a read of :data:`BUDGETED_READS` for at most ``budget_ms``.
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def _read(self, what: str, coro: Awaitable[_T]) -> _T:
+        """Await ``coro`` for at most ``budget_ms``.
 
         A read over budget is abandoned, not cancelled: it runs on in the background (counted
         in :attr:`abandoned` until it ends), so that slow first steps after a store restart
@@ -92,18 +93,16 @@ class BudgetedStore(DelegatingStore):
         at every budget would keep the store cold for ever.
 
         Raises:
-            StoreTimeoutError: a budgeted read took longer than ``budget_ms``.
+            StoreTimeoutError: it took longer than ``budget_ms``.
             StoreUnavailableError: the store failed.
         """
-        if operation not in BUDGETED_READS:
-            return await call
-        task = asyncio.ensure_future(call)
+        task = asyncio.ensure_future(coro)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.budget_ms / 1e3)
         except TimeoutError:
             self._abandon(task)
             raise StoreTimeoutError(
-                f"graph store {operation} did not answer within {self.budget_ms:g} ms "
+                f"graph store {what} did not answer within {self.budget_ms:g} ms "
                 f"(store.select_timeout_ms)"
             ) from None
         except asyncio.CancelledError:
@@ -123,6 +122,66 @@ class BudgetedStore(DelegatingStore):
                 t.exception()
 
         task.add_done_callback(done)
+
+    async def open(self) -> None:
+        """See :meth:`GraphStore.open` (no budget)."""
+        await self.inner.open()
+
+    async def close(self) -> None:
+        """See :meth:`GraphStore.close` (no budget)."""
+        await self.inner.close()
+
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """See :meth:`GraphStore.record` (no budget)."""
+        return await self.inner.record(interactions)
+
+    async def delete_user(self, user_id: str) -> int:
+        """See :meth:`GraphStore.delete_user` (no budget)."""
+        return await self.inner.delete_user(user_id)
+
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """See :meth:`GraphStore.neighbourhood`; raises StoreTimeoutError past the budget."""
+        return await self._read("neighbourhood", self.inner.neighbourhood(user_id, hops, fan_out))
+
+    async def user_version(self, user_id: str) -> int:
+        """See :meth:`GraphStore.user_version`; raises StoreTimeoutError past the budget."""
+        return await self._read("user_version", self.inner.user_version(user_id))
+
+    async def list_models(self) -> list[str]:
+        """See :meth:`GraphStore.list_models`; raises StoreTimeoutError past the budget."""
+        return await self._read("list_models", self.inner.list_models())
+
+    async def pair_counts(self) -> list[PairCount]:
+        """See :meth:`GraphStore.pair_counts`; raises StoreTimeoutError past the budget."""
+        return await self._read("pair_counts", self.inner.pair_counts())
+
+    async def counts(self) -> dict[str, int]:
+        """See :meth:`GraphStore.counts`; raises StoreTimeoutError past the budget."""
+        return await self._read("counts", self.inner.counts())
+
+    # Online learning's calls come from the background learner, never from Select: no budget.
+
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """See :meth:`GraphStore.recent_comparisons` (no budget)."""
+        return await self.inner.recent_comparisons(limit)
+
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """See :meth:`GraphStore.publish_model` (no budget)."""
+        return await self.inner.publish_model(model, blob)
+
+    async def latest_model(self) -> PublishedModel | None:
+        """See :meth:`GraphStore.latest_model` (no budget)."""
+        return await self.inner.latest_model()
+
+    async def load_model(self, version: str) -> bytes | None:
+        """See :meth:`GraphStore.load_model` (no budget)."""
+        return await self.inner.load_model(version)
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """See :meth:`GraphStore.acquire_lease` (no budget)."""
+        return await self.inner.acquire_lease(name, holder, ttl_s)
 
 
 class SnapshotPriorScorer(PriorScorer):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -43,7 +43,10 @@ from prometheus_client import (
 )
 
 from gmtrouter.v1 import router_pb2 as pb
-from graphstore.store import DelegatingStore, GraphStore, T
+from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
+from graphstore.neighbourhood import Neighbourhood
+from graphstore.registry import PublishedModel
+from graphstore.store import GraphStore
 
 log = structlog.get_logger(__name__)
 
@@ -205,7 +208,7 @@ class Metrics:
             self._http_thread = None
 
 
-class InstrumentedStore(DelegatingStore):
+class InstrumentedStore(GraphStore):
     """A :class:`GraphStore` that times every call and counts failures, then delegates.
 
     Args:
@@ -214,15 +217,94 @@ class InstrumentedStore(DelegatingStore):
     """
 
     def __init__(self, inner: GraphStore, metrics: Metrics) -> None:
-        super().__init__(inner)
+        self.inner = inner
         self.metrics = metrics
+        self.embedding_dim = inner.embedding_dim
 
-    async def _delegate(self, operation: str, call: Awaitable[T]) -> T:
+    def __getattr__(self, name: str) -> Any:  # backend-specific extras (e.g. write counters)
+        return getattr(self.inner, name)
+
+    async def _call(self, operation: str, coro: Any) -> Any:
         start = time.perf_counter()
         try:
-            return await call
+            return await coro
         except Exception:
             self.metrics.store_errors.labels(operation).inc()
             raise
         finally:
             self.metrics.store_latency.labels(operation).observe(time.perf_counter() - start)
+
+    async def open(self) -> None:
+        """See :meth:`GraphStore.open`."""
+        await self._call("open", self.inner.open())
+
+    async def close(self) -> None:
+        """See :meth:`GraphStore.close`."""
+        await self._call("close", self.inner.close())
+
+    async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
+        """See :meth:`GraphStore.record`."""
+        out: list[RecordResult] = await self._call("record", self.inner.record(interactions))
+        return out
+
+    async def neighbourhood(
+        self, user_id: str, hops: int = 2, fan_out: Sequence[int] = (64, 8, 16, 8)
+    ) -> Neighbourhood:
+        """See :meth:`GraphStore.neighbourhood`."""
+        out: Neighbourhood = await self._call(
+            "neighbourhood", self.inner.neighbourhood(user_id, hops, fan_out)
+        )
+        return out
+
+    async def user_version(self, user_id: str) -> int:
+        """See :meth:`GraphStore.user_version`."""
+        return int(await self._call("user_version", self.inner.user_version(user_id)))
+
+    async def list_models(self) -> list[str]:
+        """See :meth:`GraphStore.list_models`."""
+        out: list[str] = await self._call("list_models", self.inner.list_models())
+        return out
+
+    async def pair_counts(self) -> list[PairCount]:
+        """See :meth:`GraphStore.pair_counts`."""
+        out: list[PairCount] = await self._call("pair_counts", self.inner.pair_counts())
+        return out
+
+    async def counts(self) -> dict[str, int]:
+        """See :meth:`GraphStore.counts`."""
+        out: dict[str, int] = await self._call("counts", self.inner.counts())
+        return out
+
+    async def delete_user(self, user_id: str) -> int:
+        """See :meth:`GraphStore.delete_user`."""
+        return int(await self._call("delete_user", self.inner.delete_user(user_id)))
+
+    async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
+        """See :meth:`GraphStore.recent_comparisons`."""
+        out: list[RecordedComparison] = await self._call(
+            "recent_comparisons", self.inner.recent_comparisons(limit)
+        )
+        return out
+
+    async def publish_model(self, model: PublishedModel, blob: bytes) -> PublishedModel:
+        """See :meth:`GraphStore.publish_model`."""
+        out: PublishedModel = await self._call(
+            "publish_model", self.inner.publish_model(model, blob)
+        )
+        return out
+
+    async def latest_model(self) -> PublishedModel | None:
+        """See :meth:`GraphStore.latest_model`."""
+        out: PublishedModel | None = await self._call("latest_model", self.inner.latest_model())
+        return out
+
+    async def load_model(self, version: str) -> bytes | None:
+        """See :meth:`GraphStore.load_model`."""
+        out: bytes | None = await self._call("load_model", self.inner.load_model(version))
+        return out
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """See :meth:`GraphStore.acquire_lease`."""
+        return bool(
+            await self._call("acquire_lease", self.inner.acquire_lease(name, holder, ttl_s))
+        )
