@@ -259,7 +259,8 @@ def _load(
     if fmt != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {p} format (got {fmt}) is not {CHECKPOINT_FORMAT}")
     try:
-        config = NetworkConfig(**payload["config"])
+        # Checkpoints written before the history readout existed were trained without it.
+        config = NetworkConfig(**{"history_readout": False, **payload["config"]})
     except (ValidationError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {p} has an invalid config: {exc}") from exc
     if expected is not None:
@@ -272,6 +273,7 @@ def _load(
             "head_dim",
             "reverse_edges",
             "turn_features",
+            "history_readout",
         ):
             got, want = getattr(config, field), getattr(expected, field)
             if got != want:

@@ -26,13 +26,13 @@ def train_config(
     hidden_dim: int = 64,
     num_heads: int = 4,
     steps: int = 300,
-    lr: float = 2e-3,
+    lr: float = 5e-4,
     dropout: float = 0.1,
     head_dim: int = 64,
     reverse_edges: bool = True,
     turn_features: str = "signed",
     users_per_step: int = 16,
-    max_history: int = 64,
+    max_history: int = 128,
 ) -> TrainConfig:
     """The :class:`TrainConfig` of the command-line options (defaults = ``gmtrouter train``).
 

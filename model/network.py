@@ -15,10 +15,22 @@ Input features (no per-user parameters — users are represented by their histor
   aggregates its turns) carries a summary of *which models won on which kind of query*.
   ``turn_features="zeros"`` is the official/naive variant (zeros; outcome only on responses).
 
+History readout (``history_readout=True``): after the HGT layers each LLM node is extended
+by two numbers read straight off the graph — over the turns that point at it (``turn.llm``;
+every LLM node belongs to one user's component, so these are per-user counts)
+``[Σ s / (n + κ), log(1 + n)]`` with ``s = 2r − 1``, ``n`` its number of turns and
+``κ`` = :data:`READOUT_SHRINKAGE`: the user's shrunk net win rate of that model and how much
+evidence there is. Attention-weighted HGT messages are means and lose the counts; this
+readout gives the head the per-user Bradley–Terry-like evidence directly, so the score can
+move further from the global one the more the user has judged a model. Not in the paper (an
+addition of ours; ``False`` is the paper's head and loads checkpoints written before it).
+
 Head (cross-attention, scores all candidates at once): user, query and each candidate LLM are
 projected to ``head_dim``; each LLM vector attends over {user, query}; the logit is an MLP of
 ``[attended, m, m⊙q, m⊙u, m⊙u⊙q]`` (the products give the head direct access to the
-model×query and user×model×query interactions; a residual path for global strength).
+model×query and user×model×query interactions; a residual path for global strength); with the
+history readout, ``m`` is projected from ``[h_m, readout_m]`` and a linear term of the readout
+is added to the logit.
 """
 
 from __future__ import annotations
@@ -32,6 +44,11 @@ from torch_geometric.data import HeteroData
 from torch_geometric.nn import HGTConv
 
 from model.graph import graph_metadata
+
+#: κ of the history readout: virtual tied games per (user, model) (shrinks small counts to 0).
+READOUT_SHRINKAGE = 2.0
+#: Width of the history readout appended to each LLM embedding.
+READOUT_DIM = 2
 
 
 class NetworkConfig(BaseModel):
@@ -50,6 +67,16 @@ class NetworkConfig(BaseModel):
     turn_features: Literal["signed", "zeros"] = Field(
         "signed", description="turn input features; 'zeros' is the naive official variant"
     )
+    history_readout: bool = Field(
+        True,
+        description="append the per-user (net win rate, log count) of each LLM to its "
+        "embedding (False = the paper's head; checkpoints written before it load as False)",
+    )
+
+    @property
+    def llm_out_dim(self) -> int:
+        """Width of the LLM embeddings :meth:`GMTRouterNetwork.encode` returns."""
+        return self.hidden_dim + (READOUT_DIM if self.history_readout else 0)
 
     @model_validator(mode="after")
     def _check_heads(self) -> NetworkConfig:
@@ -74,7 +101,15 @@ class CrossAttentionHead(nn.Module):
         a = config.head_dim
         self.proj_user = nn.Linear(config.hidden_dim, a)
         self.proj_query = nn.Linear(config.embedding_dim, a)
-        self.proj_llm = nn.Linear(config.hidden_dim, a)
+        self.readout = config.history_readout
+        self.proj_llm = nn.Linear(config.llm_out_dim, a)
+        self.readout_logit = nn.Linear(READOUT_DIM, 1) if self.readout else None
+        if self.readout_logit is not None:
+            # Start as "a model this user preferred scores higher" (one logit per unit of
+            # shrunk net win rate); training adjusts it.
+            with torch.no_grad():
+                self.readout_logit.weight.copy_(torch.tensor([[1.0, 0.0]]))
+                self.readout_logit.bias.zero_()
         self.attn = nn.MultiheadAttention(
             a, config.num_heads, dropout=config.dropout, batch_first=True
         )
@@ -86,7 +121,9 @@ class CrossAttentionHead(nn.Module):
         """Score candidates.
 
         Shapes:
-            user_h: float32 ``[B, H]``; query_x: float32 ``[B, D]``; llm_h: float32 ``[B, C, H]``.
+            user_h: float32 ``[B, H]``; query_x: float32 ``[B, D]``; llm_h: float32
+            ``[B, C, H']`` with ``H' = config.llm_out_dim`` (``H``, or ``H + 2`` with the
+            history readout in the last two columns).
 
         Returns:
             float32 ``[B, C]`` logits (higher = preferred).
@@ -100,6 +137,8 @@ class CrossAttentionHead(nn.Module):
         qq = q.unsqueeze(1)
         feat = torch.cat([att, m, m * qq, m * uq, m * uq * qq], dim=-1)
         out: Tensor = self.mlp(feat).squeeze(-1)
+        if self.readout_logit is not None:
+            out = out + self.readout_logit(llm_h[..., -READOUT_DIM:]).squeeze(-1)
         return out
 
 
@@ -164,9 +203,10 @@ class GMTRouterNetwork(nn.Module):
                 ``reverse_edges`` setting as the config.
 
         Returns:
-            ``(user_h, llm_h)``: float32 ``[U, H]`` and ``[M, H]`` final embeddings. With
-            ``reverse_edges=False`` the LLM embedding is its input projection (never a
-            destination), as in the official code.
+            ``(user_h, llm_h)``: float32 ``[U, H]`` and ``[M, H']`` final embeddings
+            (``H' = config.llm_out_dim``: with ``history_readout`` the last two columns are
+            the readout of :meth:`history_readout`). With ``reverse_edges=False`` the LLM
+            embedding is its input projection (never a destination), as in the official code.
         """
         x = self.input_features(data)
         edge_index = {et: data[et].edge_index for et in self.metadata[1]}
@@ -178,7 +218,30 @@ class GMTRouterNetwork(nn.Module):
                 o = out.get(nt)
                 new[nt] = h if o is None else norms[nt](h + self.dropout(o))
             x = new
+        if self.config.history_readout:
+            return x["user"], torch.cat([x["llm"], self.history_readout(data)], dim=-1)
         return x["user"], x["llm"]
+
+    @staticmethod
+    def history_readout(data: HeteroData) -> Tensor:
+        """Per-LLM-node evidence from the turns pointing at it (see the module docstring).
+
+        Returns:
+            float32 ``[M, 2]``: ``Σ s / (n + κ)`` in (−1, 1) and ``log(1 + n)``, with
+            ``s = 2·outcome − 1`` over the node's turns and ``n`` their number (0 and 0 for
+            an LLM without turns, e.g. at cold start).
+        """
+        llm = data["llm"]
+        n_llm = int(llm.num_nodes or 0)
+        device = llm.x.device
+        turn = data["turn"]
+        n = torch.zeros(n_llm, device=device)
+        net = torch.zeros(n_llm, device=device)
+        if int(turn.num_nodes or 0):
+            s = 2.0 * turn.outcome - 1.0
+            n.index_add_(0, turn.llm, torch.ones_like(s))
+            net.index_add_(0, turn.llm, s)
+        return torch.stack([net / (n + READOUT_SHRINKAGE), torch.log1p(n)], dim=-1)
 
     def score(self, user_h: Tensor, query_x: Tensor, llm_h: Tensor) -> Tensor:
         """Cross-attention head.
@@ -186,7 +249,7 @@ class GMTRouterNetwork(nn.Module):
         Args:
             user_h: float32 ``[B, H]`` user embeddings.
             query_x: float32 ``[B, D]`` query text embeddings (input, not refined).
-            llm_h: float32 ``[B, C, H]`` candidate LLM embeddings.
+            llm_h: float32 ``[B, C, H']`` candidate LLM embeddings from :meth:`encode`.
 
         Returns:
             float32 ``[B, C]`` logits.

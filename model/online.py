@@ -42,7 +42,7 @@ class FineTuneConfig(BaseModel):
     steps: int = Field(60, ge=1, description="optimizer steps at most")
     lr: float = Field(5e-4, gt=0, description="Adam learning rate")
     users_per_step: int = Field(16, ge=1)
-    max_history: int = Field(64, ge=0, description="history comparisons per user at most")
+    max_history: int = Field(128, ge=0, description="history comparisons per user at most")
     max_targets: int = Field(32, ge=1, description="target comparisons per user per step")
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="share of each user's sessions held back for acceptance"

@@ -80,7 +80,7 @@ def train(
     hidden_dim: Annotated[int, typer.Option(help="Hidden dimension.")] = 64,
     num_heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps (episodes).")] = 300,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
     dropout: Annotated[float, typer.Option(help="Dropout probability.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Random seed (training is deterministic).")] = 136,
     reverse_edges: Annotated[

@@ -195,7 +195,7 @@ class SamplerSettings(_Section):
 
     hops: int = Field(2, ge=1, le=4, description="k of the k-hop neighbourhood (1-4).")
     fan_out: list[int] = Field(
-        [64, 8, 16, 8],
+        [256, 8, 16, 8],
         min_length=3,
         max_length=4,
         description="Neighbours taken per node at each distance (newest first).",

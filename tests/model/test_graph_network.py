@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.graph import build_hetero_graph, graph_metadata, link_previous_turns
-from model.network import GMTRouterNetwork, NetworkConfig
+from model.network import READOUT_DIM, READOUT_SHRINKAGE, GMTRouterNetwork, NetworkConfig
 
 D, DL = 16, 12
 
@@ -78,7 +79,8 @@ def test_network_shapes_cold_start_and_unknown_llm(rev: bool) -> None:
     net = GMTRouterNetwork(_cfg(reverse_edges=rev)).eval()
     with torch.inference_mode():
         user_h, llm_h = net.encode(_graph(1, 0, rev=rev))  # cold start
-        assert user_h.shape == (1, 16) and llm_h.shape == (3, 16)
+        assert user_h.shape == (1, 16) and llm_h.shape == (3, 16 + READOUT_DIM)
+        assert (llm_h[:, -READOUT_DIM:] == 0).all()  # no turns, no evidence
         s = net.score(user_h, torch.randn(1, D), llm_h.unsqueeze(0))
         assert s.shape == (1, 3) and s.dtype == torch.float32 and torch.isfinite(s).all()
         user_h, llm_h = net.encode(_graph(3, 12, rev=rev))
@@ -88,6 +90,29 @@ def test_network_shapes_cold_start_and_unknown_llm(rev: bool) -> None:
         u2, _ = net.encode(_graph(2, 0, rev=rev))
         assert torch.allclose(u2[0], u2[1])
         assert not torch.allclose(user_h[0], u2[0])
+
+
+def test_history_readout_counts_each_llm_nodes_turns() -> None:
+    # LLM 0: won, won, lost; LLM 1: tie; LLM 2: no turns.
+    g = build_hetero_graph(
+        num_users=1,
+        query_x=torch.zeros(4, D),
+        llm_x=torch.zeros(3, DL),
+        turn_user=torch.zeros(4, dtype=torch.long),
+        turn_query=torch.arange(4),
+        turn_llm=torch.tensor([0, 0, 0, 1]),
+        turn_outcome=torch.tensor([1.0, 1.0, 0.0, 0.5]),
+        turn_prev=torch.full((4,), -1),
+    )
+    r = GMTRouterNetwork.history_readout(g)
+    assert r.shape == (3, READOUT_DIM) and r.dtype == torch.float32
+    assert r[0, 0].item() == pytest.approx(1.0 / (3 + READOUT_SHRINKAGE))
+    assert r[:, 1].tolist() == pytest.approx([math.log(4), math.log(2), 0.0])
+    assert r[1, 0].item() == 0.0 and r[2].tolist() == [0.0, 0.0]
+    # without the readout, the embeddings are the paper's width
+    net = GMTRouterNetwork(_cfg(history_readout=False)).eval()
+    with torch.inference_mode():
+        assert net.encode(g)[1].shape == (3, 16)
 
 
 def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
