@@ -13,7 +13,11 @@ normalisation):
   ``$GMTROUTER_ONNX_DIR`` (default ``~/.cache/gmtrouter/onnx``) as
   ``<model>-<hash>.onnx`` — the hash covers the weight and config files, the torch version and
   the export recipe — written atomically, and run with ONNX Runtime (fp32, ``threads`` intra-op
-  threads). About 3-4x faster than torch for one short query.
+  threads). About 3-4x faster than torch for one short query. A BERT model is exported with
+  eager attention by the TorchScript exporter and passed through ONNX Runtime's transformer
+  optimizer, which fuses each layer's attention, the embeddings and the layer norms (62 nodes
+  instead of ≈ 700; ≈ 10 % less time per query, the rest is fp32 matrix products); any other
+  model, or a failing fusion, is exported as before (dynamo exporter, no fusion).
 * ``torch``: sentence-transformers on torch. Small batches skip sentence-transformers'
   generic pre-processing ("direct path"), which saves a few milliseconds per call.
 
@@ -59,7 +63,7 @@ DIRECT_TOLERANCE = 1e-5
 #: Encoder runtimes (config ``embedding.backend``).
 Backend = Literal["onnx", "torch"]
 #: Bumped whenever the exported graph changes; part of the ONNX cache key.
-ONNX_EXPORT_VERSION = "1"
+ONNX_EXPORT_VERSION = "2"
 #: ONNX opset of the exported graph.
 ONNX_OPSET = 18
 #: Model inputs the exported graph may take, in this order.
@@ -416,8 +420,6 @@ def _export_onnx(auto_model: Any, tokenizer: Any, input_names: Sequence[str], pa
         ["warm up", "How do I reverse a linked list in place?"], padding=True, return_tensors="pt"
     )
     args = tuple(sample[n] for n in input_names)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dynamic = tuple({0: batch, 1: seq} for _ in input_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".onnx")
     os.close(fd)
@@ -429,24 +431,84 @@ def _export_onnx(auto_model: Any, tokenizer: Any, input_names: Sequence[str], pa
         # warnings (unused axis names, deprecated internals) are noise here.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _Embed(auto_model).eval(),
-                args,
-                str(tmp),
-                input_names=list(input_names),
-                output_names=["sentence_embedding"],
-                opset_version=ONNX_OPSET,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes=dynamic,
-                optimize=False,  # ONNX Runtime optimises at load; this pass is slow
-                verbose=False,
-            )
+            if not _export_fused_bert(_Embed(auto_model), auto_model, args, input_names, tmp):
+                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+                torch.onnx.export(
+                    _Embed(auto_model).eval(),
+                    args,
+                    str(tmp),
+                    input_names=list(input_names),
+                    output_names=["sentence_embedding"],
+                    opset_version=ONNX_OPSET,
+                    dynamo=True,
+                    external_data=False,
+                    dynamic_shapes=tuple({0: batch, 1: seq} for _ in input_names),
+                    optimize=False,  # ONNX Runtime optimises at load; this pass is slow
+                    verbose=False,
+                )
         tmp.chmod(0o644)  # mkstemp's 0600 would hide it from other users (container)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         auto_model.train(was_training)
+
+
+def _export_fused_bert(
+    module: Any, auto_model: Any, args: tuple[Any, ...], input_names: Sequence[str], out: Path
+) -> bool:
+    """Export a BERT model with fused attention / layer-norm kernels to ``out``.
+
+    The TorchScript exporter, with eager attention, writes the graph that ONNX Runtime's
+    transformer optimizer recognises (``Attention``, ``EmbedLayerNormalization``,
+    ``SkipLayerNormalization``, ``BiasGelu``); dynamo's graph and the SDPA attention path
+    are not fused by it. The model's attention implementation is restored afterwards.
+
+    Returns:
+        True when ``out`` holds the fused graph; False (``out`` untouched) when the model is
+        not BERT, the optimizer is missing, or it fused no attention layer.
+    """
+    config: Any = getattr(auto_model, "config", None)
+    if config is None or getattr(config, "model_type", None) != "bert":
+        return False
+    try:
+        from onnxruntime.transformers import optimizer
+    except ImportError:  # pragma: no cover - part of onnxruntime
+        return False
+    import torch
+
+    before = getattr(config, "_attn_implementation", None)
+    raw = out.with_name(out.name + ".raw")
+    try:
+        auto_model.set_attn_implementation("eager")
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(raw),
+            input_names=list(input_names),
+            output_names=["sentence_embedding"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in input_names},
+        )
+        fused = optimizer.optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+            opt_level=0,
+            use_gpu=False,
+        )
+        if fused.get_fused_operator_statistics().get("Attention", 0) < 1:
+            return False
+        fused.save_model_to_file(str(out))
+        return True
+    except Exception as exc:
+        log.warning("fused ONNX export failed, exporting unfused: %s: %s", type(exc).__name__, exc)
+        return False
+    finally:
+        raw.unlink(missing_ok=True)
+        if before is not None:
+            auto_model.set_attn_implementation(before)
 
 
 def _direct_parts(model: SentenceTransformer) -> tuple[Any, Any, int] | None:
