@@ -75,7 +75,8 @@ test: install neo4j-install  ## the test suite, against a throw-away local Neo4j
 DEMO_DIR := out/demo
 DEMO_SPLIT := --holdout-fraction 0.5 --split-seed 0
 
-$(DEMO_DIR)/gmtrouter-llmfao.pt: | install
+# Retrained when the network or its training changes (an older checkpoint would still load).
+$(DEMO_DIR)/gmtrouter-llmfao.pt: model/network.py model/training.py model/data.py | install
 	.venv/bin/gmtrouter train --dataset llmfao --data-path examples/data/llmfao $(DEMO_SPLIT) \
 	  --out $@
 

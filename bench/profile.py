@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--store", default=f"sqlite:///{WORK / 'graph.db'}")
     args = ap.parse_args(argv)
     pyspy = os.environ.get("PY_SPY") or shutil.which("py-spy") or str(REPO / ".venv/bin/py-spy")
-    models, _ = checkpoint_models()
+    models, _, _ = checkpoint_models()
     cands = models[:4]
     srv = Server(f"profile-{args.mode}", args.store, server_config()).start()
     try:

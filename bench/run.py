@@ -101,9 +101,19 @@ def summary(ms: Sequence[float]) -> dict[str, float]:
 
 
 def ensure_checkpoint(steps: int) -> dict[str, Any]:
-    """Train ``out/bench/ckpt.pt`` on the bundled LLMFAO sample unless it exists."""
+    """Train ``out/bench/ckpt.pt`` on the bundled LLMFAO sample unless it exists with the
+    current default network configuration (a checkpoint of an older network is retrained)."""
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.training import TrainConfig
+
     if CHECKPOINT.is_file():
-        return {"path": str(CHECKPOINT.relative_to(REPO)), "trained_now": False}
+        try:
+            current = load_checkpoint(CHECKPOINT).config == TrainConfig().network
+        except CheckpointError:
+            current = False
+        if current:
+            return {"path": str(CHECKPOINT.relative_to(REPO)), "trained_now": False}
+        log(f"{CHECKPOINT.relative_to(REPO)} is of an older network configuration: retraining")
     log(f"training a checkpoint ({steps} steps on examples/data/llmfao) ...")
     t0 = time.perf_counter()
     subprocess.run(
@@ -130,11 +140,11 @@ def ensure_checkpoint(steps: int) -> dict[str, Any]:
     }
 
 
-def checkpoint_models() -> tuple[list[str], str]:
+def checkpoint_models() -> tuple[list[str], str, dict[str, Any]]:
     from model.checkpoint import load_checkpoint
 
     ck = load_checkpoint(CHECKPOINT)
-    return list(ck.models), ck.version
+    return list(ck.models), ck.version, ck.config.model_dump()
 
 
 def unit_rows(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -677,9 +687,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     neo = None if args.no_neo4j else neo4j_start()
     try:
         result["checkpoint"] = ensure_checkpoint(args.train_steps)
-        models, version = checkpoint_models()
+        models, version, network = checkpoint_models()
         cands = models[:4]
-        result["checkpoint"].update({"version": version, "candidates": cands})
+        result["checkpoint"].update({"version": version, "candidates": cands, "network": network})
 
         # -- embedded store: preload, serve ---------------------------------------------------
         detail: dict[str, Any] = {}
@@ -808,7 +818,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "warm_up_before": r_warm,
                 "health_baseline": h_rps_neo,
             }
-            detail["record_c32_neo4j_warm_jvm"] = {**r_rps_jit, "jit_warm_up": jit_curve}
+            # Settled = the last window's JIT share was under 10 % (False: gave up after
+            # max_windows, or the Neo4j pid was unknown and nothing could be checked).
+            settled = (
+                npid is not None and len(jit_curve) >= 2 and jit_curve[-1]["jit_cpu_share"] < 0.1
+            )
+            result["neo4j_jit_settled"] = settled
+            detail["record_c32_neo4j_warm_jvm"] = {
+                **r_rps_jit,
+                "jit_warm_up": jit_curve,
+                "jit_settled": settled,
+            }
         else:
             result["select_neo4j_p50_ms"] = None
             result["record_rps_neo4j"] = None

@@ -33,6 +33,7 @@ def train_config(
     turn_features: str = "signed",
     users_per_step: int = 16,
     max_history: int = 128,
+    history_readout: bool = True,
 ) -> TrainConfig:
     """The :class:`TrainConfig` of the command-line options (defaults = ``gmtrouter train``).
 
@@ -47,6 +48,7 @@ def train_config(
         head_dim=head_dim,
         reverse_edges=reverse_edges,
         turn_features=turn_features,
+        history_readout=history_readout,
     )  # type: ignore[arg-type,unused-ignore]
     return TrainConfig(
         network=net, steps=steps, lr=lr, users_per_step=users_per_step, max_history=max_history

@@ -17,13 +17,15 @@ Input features (no per-user parameters — users are represented by their histor
 
 History readout (``history_readout=True``): after the HGT layers each LLM node is extended
 by two numbers read straight off the graph — over the turns that point at it (``turn.llm``;
-every LLM node belongs to one user's component, so these are per-user counts)
-``[Σ s / (n + κ), log(1 + n)]`` with ``s = 2r − 1``, ``n`` its number of turns and
-``κ`` = :data:`READOUT_SHRINKAGE`: the user's shrunk net win rate of that model and how much
-evidence there is. Attention-weighted HGT messages are means and lose the counts; this
-readout gives the head the per-user Bradley–Terry-like evidence directly, so the score can
-move further from the global one the more the user has judged a model. Not in the paper (an
-addition of ours; ``False`` is the paper's head and loads checkpoints written before it).
+every LLM node belongs to one user's component, so these are per-user counts) with a
+decisive outcome (``r ≠ 0.5``: a tie and a served response nobody judged are both stored as
+0.5 and carry no evidence here) — ``[Σ s / (n + κ), log(1 + n)]`` with ``s = 2r − 1``,
+``n`` the number of those turns and ``κ`` = :data:`READOUT_SHRINKAGE`: the user's shrunk net
+win rate of that model and how much evidence there is. Attention-weighted HGT messages are
+means and lose the counts; this readout gives the head the per-user Bradley–Terry-like
+evidence directly, so the score can move further from the global one the more the user has
+judged a model. Not in the paper (an addition of ours; ``False`` is the paper's head and
+loads checkpoints written before it).
 
 Head (cross-attention, scores all candidates at once): user, query and each candidate LLM are
 projected to ``head_dim``; each LLM vector attends over {user, query}; the logit is an MLP of
@@ -228,8 +230,8 @@ class GMTRouterNetwork(nn.Module):
 
         Returns:
             float32 ``[M, 2]``: ``Σ s / (n + κ)`` in (−1, 1) and ``log(1 + n)``, with
-            ``s = 2·outcome − 1`` over the node's turns and ``n`` their number (0 and 0 for
-            an LLM without turns, e.g. at cold start).
+            ``s = 2·outcome − 1`` over the node's turns whose outcome is not 0.5 and ``n``
+            their number (0 and 0 for an LLM without such turns, e.g. at cold start).
         """
         llm = data["llm"]
         n_llm = int(llm.num_nodes or 0)
@@ -239,7 +241,7 @@ class GMTRouterNetwork(nn.Module):
         net = torch.zeros(n_llm, device=device)
         if int(turn.num_nodes or 0):
             s = 2.0 * turn.outcome - 1.0
-            n.index_add_(0, turn.llm, torch.ones_like(s))
+            n.index_add_(0, turn.llm, (s != 0).to(s.dtype))
             net.index_add_(0, turn.llm, s)
         return torch.stack([net / (n + READOUT_SHRINKAGE), torch.log1p(n)], dim=-1)
 

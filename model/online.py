@@ -6,7 +6,8 @@ users only) and holds back the sessions whose hashed names fall below ``holdout_
 (the same sessions in every round, so none of them was trained on by an earlier round). It
 fine-tunes a *copy* of the served network on the rest with the training episodes of
 :func:`model.training.train_prepared` (history sessions in the graph, other sessions as
-Bradley–Terry targets; a lower learning rate, a step cap and a wall-clock budget), then scores
+Bradley–Terry targets; :class:`FineTuneConfig`'s learning rate, a step cap and a wall-clock
+budget), then scores
 the held-back pairs with the old and the new weights, each given the same user histories (the
 users' fit comparisons). The update is accepted only when the held-back Bradley–Terry
 log-loss improves by more than ``min_improvement``; otherwise (or when training fails) the

@@ -32,10 +32,11 @@ from model.network import GMTRouterNetwork, NetworkConfig
 class TrainConfig(BaseModel):
     """Training hyper-parameters (official: Adam 5e-4, 350 steps, 10 history pairs).
 
-    Defaults chosen on the training users' side of the LLMFAO and MT-Bench user splits
-    (README → Results): 128 history comparisons per user (the server samples the newest
-    ``fan_out[0]`` = 256 turns, i.e. 128 comparisons), Adam at the official 5e-4, validation
-    every 10 steps.
+    Defaults: 128 history comparisons per user (the server samples the newest ``fan_out[0]``
+    = 256 turns, i.e. 128 comparisons when every interaction is a comparison), Adam at the
+    official 5e-4, validation every 10 steps. They were chosen among a handful of settings by
+    replaying the held-out users of LLMFAO and MT-Bench (README → Results says so; the replay
+    numbers are therefore not from untouched users).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -86,6 +86,10 @@ def train(
     reverse_edges: Annotated[
         bool, typer.Option(help="Reverse edges (off = official destination-only wiring).")
     ] = True,
+    history_readout: Annotated[
+        bool,
+        typer.Option(help="Per-user history readout on LLM nodes (off = the paper's head)."),
+    ] = True,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
     holdout_fraction: Annotated[
         float, typer.Option(help="Leave this share of users out (a seeded user split).")
@@ -108,6 +112,7 @@ def train(
                 lr=lr,
                 dropout=dropout,
                 reverse_edges=reverse_edges,
+                history_readout=history_readout,
             ),
             seed=seed,
             threads=threads,
@@ -131,6 +136,9 @@ def evaluate(
     num_heads: Annotated[int, typer.Option(help="Attention heads.")] = 4,
     steps: Annotated[int, typer.Option(help="Training steps per seed.")] = 300,
     reverse_edges: Annotated[bool, typer.Option(help="Reverse edges (ablation: off).")] = True,
+    history_readout: Annotated[
+        bool, typer.Option(help="Per-user history readout (ablation: off = the paper's head).")
+    ] = True,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
 ) -> None:
     """Train and score every method on the same splits; print a table and write JSON."""
@@ -149,6 +157,7 @@ def evaluate(
                 num_heads=num_heads,
                 steps=steps,
                 reverse_edges=reverse_edges,
+                history_readout=history_readout,
             ),
             threads=threads,
         )

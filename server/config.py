@@ -203,6 +203,14 @@ class SamplerSettings(_Section):
     min_history: int = Field(
         1, ge=0, le=10000, description="Turns a user needs before routing is personalized."
     )
+    version_max_age_ms: float = Field(
+        250,
+        ge=0,
+        le=60000,
+        description="How long a user's graph version read from the store is reused before "
+        "Select reads it again: writes through other replicas reach this one's Select within "
+        "this bound; writes through this replica at once. 0 = read on every Select.",
+    )
 
 
 class EmbeddingSettings(_Section):

@@ -28,6 +28,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -70,13 +71,13 @@ class _UserState:
     version: int
     history_turns: int
     user_h: torch.Tensor  # float32 [H]
-    llm_h: dict[str, torch.Tensor]  # name -> float32 [H]
+    llm_h: dict[str, torch.Tensor]  # name -> float32 [H'] (H' = config.llm_out_dim)
     typical_query: npt.NDArray[np.float32]  # float32 [D]
-    #: candidate tuple -> float32 [C, H] stacked ``llm_h`` rows (filled on first use)
+    #: candidate tuple -> float32 [C, H'] stacked ``llm_h`` rows (filled on first use)
     stacked: dict[tuple[str, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def candidates_h(self, candidates: Sequence[str]) -> torch.Tensor:
-        """float32 ``[C, H]``: the cached LLM embeddings of ``candidates``, in order."""
+        """float32 ``[C, H']``: the cached LLM embeddings of ``candidates``, in order."""
         key = tuple(candidates)
         out = self.stacked.get(key)
         if out is None:
@@ -91,7 +92,7 @@ class _HeadRow(NamedTuple):
     network: GMTRouterNetwork
     user_h: torch.Tensor  # float32 [H]
     query: npt.NDArray[np.float32]  # float32 [D]
-    llm_h: torch.Tensor  # float32 [C, H]
+    llm_h: torch.Tensor  # float32 [C, H'] (H' = config.llm_out_dim: H plus the readout)
     future: asyncio.Future[list[float]]
 
 
@@ -132,7 +133,7 @@ class HeadBatcher:
         query: npt.NDArray[np.float32],
         llm_h: torch.Tensor,
     ) -> list[float]:
-        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H]``) for one request, by
+        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H']``) for one request, by
         ``network``'s head (``user_h`` float32 ``[H]``, ``query`` float32 ``[D]``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[float]] = loop.create_future()
@@ -224,6 +225,9 @@ class NetworkScorer:
         self.head = HeadBatcher(executor)
         # In-flight reads and encodes, shared by concurrent requests for one user.
         self._version_reads: dict[str, asyncio.Future[int]] = {}
+        # user -> (monotonic time the read started, version): reused for
+        # ``sampler.version_max_age_ms`` (LRU, at most ``cache_size`` users).
+        self._versions: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
         self._encodes: dict[tuple[str, int, str], asyncio.Future[_UserState]] = {}
 
     @property
@@ -373,19 +377,32 @@ class NetworkScorer:
     async def _version(self, user_id: str) -> int:
         """The user's graph version; concurrent callers for one user share one store read.
 
-        A caller joins only a read that started after the user's last local write
-        (:meth:`invalidate` forgets in-flight reads), so a local write is always seen.
+        A version read less than ``sampler.version_max_age_ms`` ago (its start time counts)
+        is reused without a store read, so a write through another replica is seen within
+        that bound. A caller joins only a read that started after the user's last local
+        write (:meth:`invalidate` forgets in-flight reads and reused versions), so a local
+        write is always seen at once.
         """
+        max_age_s = self.settings.sampler.version_max_age_ms / 1000.0
+        hit = self._versions.get(user_id)
+        if hit is not None and time.monotonic() - hit[0] < max_age_s:
+            return hit[1]
         fut = self._version_reads.get(user_id)
         if fut is None:
+            started = time.monotonic()
             fut = asyncio.ensure_future(self.store.user_version(user_id))
             self._version_reads[user_id] = fut
 
             def _forget(done: asyncio.Future[int], user: str = user_id) -> None:
-                if self._version_reads.get(user) is done:
-                    del self._version_reads[user]
-                if not done.cancelled():
-                    done.exception()  # retrieved: no "never retrieved" warning
+                failed = done.cancelled() or done.exception() is not None  # retrieved
+                if self._version_reads.get(user) is not done:
+                    return  # invalidated meanwhile: neither forget a newer read nor keep this
+                del self._version_reads[user]
+                if not failed and max_age_s > 0:
+                    self._versions[user] = (started, done.result())
+                    self._versions.move_to_end(user)
+                    while len(self._versions) > self.cache_size:
+                        self._versions.popitem(last=False)
 
             fut.add_done_callback(_forget)
         return await asyncio.shield(fut)
@@ -485,6 +502,7 @@ class NetworkScorer:
         """Drop the user's cached embeddings (their graph changed)."""
         self._cache.pop(user_id, None)
         self._version_reads.pop(user_id, None)
+        self._versions.pop(user_id, None)
         self.prior.invalidate(user_id)
 
     async def warm_up(self) -> None:

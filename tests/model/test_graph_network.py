@@ -93,22 +93,23 @@ def test_network_shapes_cold_start_and_unknown_llm(rev: bool) -> None:
 
 
 def test_history_readout_counts_each_llm_nodes_turns() -> None:
-    # LLM 0: won, won, lost; LLM 1: tie; LLM 2: no turns.
+    # LLM 0: won, won, lost; LLM 1: a tie and an unjudged turn (both 0.5: no evidence);
+    # LLM 2: no turns.
     g = build_hetero_graph(
         num_users=1,
-        query_x=torch.zeros(4, D),
+        query_x=torch.zeros(5, D),
         llm_x=torch.zeros(3, DL),
-        turn_user=torch.zeros(4, dtype=torch.long),
-        turn_query=torch.arange(4),
-        turn_llm=torch.tensor([0, 0, 0, 1]),
-        turn_outcome=torch.tensor([1.0, 1.0, 0.0, 0.5]),
-        turn_prev=torch.full((4,), -1),
+        turn_user=torch.zeros(5, dtype=torch.long),
+        turn_query=torch.arange(5),
+        turn_llm=torch.tensor([0, 0, 0, 1, 1]),
+        turn_outcome=torch.tensor([1.0, 1.0, 0.0, 0.5, 0.5]),
+        turn_prev=torch.full((5,), -1),
     )
     r = GMTRouterNetwork.history_readout(g)
     assert r.shape == (3, READOUT_DIM) and r.dtype == torch.float32
     assert r[0, 0].item() == pytest.approx(1.0 / (3 + READOUT_SHRINKAGE))
-    assert r[:, 1].tolist() == pytest.approx([math.log(4), math.log(2), 0.0])
-    assert r[1, 0].item() == 0.0 and r[2].tolist() == [0.0, 0.0]
+    assert r[:, 1].tolist() == pytest.approx([math.log(4), 0.0, 0.0])
+    assert r[1].tolist() == [0.0, 0.0] and r[2].tolist() == [0.0, 0.0]
     # without the readout, the embeddings are the paper's width
     net = GMTRouterNetwork(_cfg(history_readout=False)).eval()
     with torch.inference_mode():
@@ -142,3 +143,23 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(tmp_path / "bad.pt")
     assert isinstance(CheckpointError("x"), ValueError)
+
+
+def test_checkpoint_written_before_the_history_readout_loads_without_it(tmp_path: Path) -> None:
+    net = GMTRouterNetwork(_cfg(history_readout=False)).eval()
+    path = tmp_path / "old.pt"
+    save_checkpoint(
+        path, net, encoder_name="enc", encoder_dim=D, models=["a"], llm_x=torch.randn(1, DL)
+    )
+    payload = torch.load(path, weights_only=False)
+    del payload["config"]["history_readout"]  # as written before the field existed
+    torch.save(payload, path)
+    ck = load_checkpoint(path)
+    assert ck.config.history_readout is False
+    g = _graph(1, 5)
+    with torch.inference_mode():
+        assert ck.network.encode(g)[1].shape == (3, 16)
+        assert torch.allclose(ck.network.encode(g)[1], net.encode(g)[1])
+    # expecting the readout (the default now) of an old checkpoint fails with a clear message
+    with pytest.raises(CheckpointError, match="history_readout"):
+        load_checkpoint(path, expected=_cfg())

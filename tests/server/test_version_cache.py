@@ -1,0 +1,111 @@
+"""NetworkScorer reuses a user's graph version for ``sampler.version_max_age_ms``.
+
+Writes through another replica (here: straight into the shared store) reach Select within that
+bound; writes through this replica (``invalidate``) at once; 0 reads on every Select.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphstore.interactions import Comparison, Interaction
+from graphstore.sqlite_store import SQLiteGraphStore
+from model.checkpoint import load_checkpoint
+from server.config import parse_settings
+from server.personalization import NetworkScorer
+from server.scoring import PriorScorer
+
+DIM = 384
+
+
+class CountingStore(SQLiteGraphStore):
+    """The real SQLite store, counting ``user_version`` reads."""
+
+    version_reads = 0
+
+    async def user_version(self, user_id: str) -> int:
+        self.version_reads += 1
+        return await super().user_version(user_id)
+
+
+def comparison(n: int, winner: str, loser: str) -> Interaction:
+    return Interaction(
+        interaction_id=f"i{n}",
+        user_id="u",
+        session_id=f"s{n}",
+        turn_index=0,
+        query=f"q{n}",
+        query_embedding=np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32),
+        model=winner,
+        response="r",
+        timestamp_s=1_700_000_000.0 + n,
+        idempotency_key=f"k{n}",
+        comparison=Comparison(winner, loser),
+    )
+
+
+@pytest.fixture()
+async def parts(checkpoint: Path) -> AsyncIterator[tuple[CountingStore, list[str], Path]]:
+    store = CountingStore(":memory:", embedding_dim=DIM)
+    await store.open()
+    models = list(load_checkpoint(checkpoint).models[:2])
+    yield store, models, checkpoint
+    await store.close()
+
+
+def scorer(store: CountingStore, checkpoint: Path, max_age_ms: float) -> NetworkScorer:
+    settings = parse_settings(
+        {
+            "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
+            "sampler": {"version_max_age_ms": max_age_ms},
+        }
+    )
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    prior = PriorScorer(store, refresh_s=0.0, executor=pool)
+    return NetworkScorer.from_settings(settings, store, None, pool, prior)  # type: ignore[arg-type]
+
+
+async def test_version_reused_within_max_age_and_local_writes_seen_at_once(
+    parts: tuple[CountingStore, list[str], Path],
+) -> None:
+    store, (a, b), ckpt = parts
+    net = scorer(store, ckpt, max_age_ms=400)
+    q = np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32)
+    await store.record([comparison(0, a, b)])
+    first = await net.score("u", q, [a, b])
+    assert first.history_turns == 2 and store.version_reads == 1
+    for _ in range(5):
+        await net.score("u", q, [a, b])
+    assert store.version_reads == 1  # reused: no store read
+    # Another replica writes: not seen until the version is older than 400 ms ...
+    await store.record([comparison(1, b, a)])
+    assert (await net.score("u", q, [a, b])).history_turns == 2
+    await asyncio.sleep(0.45)
+    # ... then read again and the new turns are used.
+    assert (await net.score("u", q, [a, b])).history_turns == 4
+    assert store.version_reads == 2
+    # A write through this replica is seen at once.
+    await store.record([comparison(2, a, b)])
+    net.invalidate("u")
+    assert (await net.score("u", q, [a, b])).history_turns == 6
+    assert store.version_reads == 3
+
+
+async def test_zero_max_age_reads_on_every_select(
+    parts: tuple[CountingStore, list[str], Path],
+) -> None:
+    store, (a, b), ckpt = parts
+    net = scorer(store, ckpt, max_age_ms=0)
+    q = np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32)
+    await store.record([comparison(0, a, b)])
+    for _ in range(4):
+        await net.score("u", q, [a, b])
+    assert store.version_reads == 4
+    await store.record([comparison(1, b, a)])
+    assert (await net.score("u", q, [a, b])).history_turns == 4
