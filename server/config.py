@@ -195,10 +195,12 @@ class SamplerSettings(_Section):
 
     hops: int = Field(2, ge=1, le=4, description="k of the k-hop neighbourhood (1-4).")
     fan_out: list[int] = Field(
-        [256, 8, 16, 8],
+        [256, 8, 0, 8],
         min_length=3,
         max_length=4,
-        description="Neighbours taken per node at each distance (newest first).",
+        description="Neighbours taken per node at each distance (newest first): fan_out[0] "
+        "= the user's newest turns; fan_out[2] = other users' turns per LLM (0 by default: "
+        "the network is trained on per-user components and does not use them).",
     )
     min_history: int = Field(
         1, ge=0, le=10000, description="Turns a user needs before routing is personalized."

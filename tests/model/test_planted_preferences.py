@@ -23,7 +23,7 @@ def test_gmtrouter_learns_planted_per_user_preferences() -> None:
     tr, te = split_by_session(
         prep, np.arange(prep.n, dtype=np.int64), 0.3, np.random.default_rng(0)
     )
-    res = train_prepared(prep, tr, TrainConfig(steps=60, eval_every=20), seed=0)
+    res = train_prepared(prep, tr, TrainConfig(steps=60, eval_every=20, lr=2e-3), seed=0)
     hist: dict[int, list[int]] = {}
     for i in tr:
         hist.setdefault(int(prep.user[i]), []).append(int(i))
