@@ -23,7 +23,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoder = TextEncoder()
     prep = prepare(planted_preferences(num_users=40, sessions_per_user=30, seed=0), encoder)
     res = train_prepared(
-        prep, np.arange(prep.n, dtype=np.int64), TrainConfig(steps=80, eval_every=20, lr=2e-3), seed=0
+        prep,
+        np.arange(prep.n, dtype=np.int64),
+        TrainConfig(steps=80, eval_every=20, lr=2e-3),
+        seed=0,
     )
     path = tmp_path_factory.mktemp("ckpt") / "planted.pt"
     save_checkpoint(
