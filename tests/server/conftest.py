@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = train_prepared(
         prep,
         np.arange(prep.n, dtype=np.int64),
-        TrainConfig(steps=80, eval_every=20, lr=2e-3),
+        TrainConfig(steps=80, eval_every=20, lr=2e-3),  # fast setting for planted data
         seed=0,
     )
     path = tmp_path_factory.mktemp("ckpt") / "planted.pt"
