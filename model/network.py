@@ -103,12 +103,11 @@ class CrossAttentionHead(nn.Module):
         a = config.head_dim
         self.proj_user = nn.Linear(config.hidden_dim, a)
         self.proj_query = nn.Linear(config.embedding_dim, a)
-        self.readout = config.history_readout
         # The readout columns skip the attention and the MLP (fed into them, they kept the
         # network from learning query-dependent per-user preferences on planted data: AUC
         # 0.62 instead of 0.95); they enter the logit only through ``readout_logit``.
         self.proj_llm = nn.Linear(config.hidden_dim, a)
-        self.readout_logit = nn.Linear(READOUT_DIM, 1) if self.readout else None
+        self.readout_logit = nn.Linear(READOUT_DIM, 1) if config.history_readout else None
         if self.readout_logit is not None:
             # Start as "a model this user preferred scores higher" (one logit per unit of
             # shrunk net win rate); training adjusts it.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,8 @@ from server.personalization import NetworkScorer
 from server.scoring import PriorScorer
 
 DIM = 384
+#: The query of every Select and every recorded interaction (a unit vector).
+Q = np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32)
 
 
 class CountingStore(SQLiteGraphStore):
@@ -41,7 +43,7 @@ def comparison(n: int, winner: str, loser: str) -> Interaction:
         session_id=f"s{n}",
         turn_index=0,
         query=f"q{n}",
-        query_embedding=np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32),
+        query_embedding=Q,
         model=winner,
         response="r",
         timestamp_s=1_700_000_000.0 + n,
@@ -50,62 +52,60 @@ def comparison(n: int, winner: str, loser: str) -> Interaction:
     )
 
 
+Setup = Callable[[float], Awaitable[tuple[CountingStore, NetworkScorer, str, str]]]
+
+
 @pytest.fixture()
-async def parts(checkpoint: Path) -> AsyncIterator[tuple[CountingStore, list[str], Path]]:
+async def setup(checkpoint: Path) -> AsyncIterator[Setup]:
+    """``await setup(max_age_ms)``: a scorer over a fresh counting store in which user ``u``
+    has one comparison of the checkpoint's first two models (``a`` won)."""
     store = CountingStore(":memory:", embedding_dim=DIM)
     await store.open()
-    models = list(load_checkpoint(checkpoint).models[:2])
-    yield store, models, checkpoint
-    await store.close()
-
-
-def scorer(store: CountingStore, checkpoint: Path, max_age_ms: float) -> NetworkScorer:
-    settings = parse_settings(
-        {
-            "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
-            "sampler": {"version_max_age_ms": max_age_ms},
-        }
-    )
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    prior = PriorScorer(store, refresh_s=0.0, executor=pool)
-    return NetworkScorer.from_settings(settings, store, None, pool, prior)  # type: ignore[arg-type]
+    a, b = load_checkpoint(checkpoint).models[:2]
+
+    async def make(max_age_ms: float) -> tuple[CountingStore, NetworkScorer, str, str]:
+        settings = parse_settings(
+            {
+                "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
+                "sampler": {"version_max_age_ms": max_age_ms},
+            }
+        )
+        prior = PriorScorer(store, refresh_s=0.0, executor=pool)
+        net = NetworkScorer.from_settings(settings, store, None, pool, prior)  # type: ignore[arg-type]
+        await store.record([comparison(0, a, b)])
+        return store, net, a, b
+
+    yield make
+    await store.close()
+    pool.shutdown()
 
 
-async def test_version_reused_within_max_age_and_local_writes_seen_at_once(
-    parts: tuple[CountingStore, list[str], Path],
-) -> None:
-    store, (a, b), ckpt = parts
-    net = scorer(store, ckpt, max_age_ms=400)
-    q = np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32)
-    await store.record([comparison(0, a, b)])
-    first = await net.score("u", q, [a, b])
+async def test_version_reused_within_max_age_and_local_writes_seen_at_once(setup: Setup) -> None:
+    store, net, a, b = await setup(400)
+    first = await net.score("u", Q, [a, b])
     assert first.history_turns == 2 and store.version_reads == 1
     for _ in range(5):
-        await net.score("u", q, [a, b])
+        await net.score("u", Q, [a, b])
     assert store.version_reads == 1  # reused: no store read
     # Another replica writes: not seen until the version is older than 400 ms ...
     await store.record([comparison(1, b, a)])
-    assert (await net.score("u", q, [a, b])).history_turns == 2
+    assert (await net.score("u", Q, [a, b])).history_turns == 2
     await asyncio.sleep(0.45)
     # ... then read again and the new turns are used.
-    assert (await net.score("u", q, [a, b])).history_turns == 4
+    assert (await net.score("u", Q, [a, b])).history_turns == 4
     assert store.version_reads == 2
     # A write through this replica is seen at once.
     await store.record([comparison(2, a, b)])
     net.invalidate("u")
-    assert (await net.score("u", q, [a, b])).history_turns == 6
+    assert (await net.score("u", Q, [a, b])).history_turns == 6
     assert store.version_reads == 3
 
 
-async def test_zero_max_age_reads_on_every_select(
-    parts: tuple[CountingStore, list[str], Path],
-) -> None:
-    store, (a, b), ckpt = parts
-    net = scorer(store, ckpt, max_age_ms=0)
-    q = np.full(DIM, 1.0 / np.sqrt(DIM), dtype=np.float32)
-    await store.record([comparison(0, a, b)])
+async def test_zero_max_age_reads_on_every_select(setup: Setup) -> None:
+    store, net, a, b = await setup(0)
     for _ in range(4):
-        await net.score("u", q, [a, b])
+        await net.score("u", Q, [a, b])
     assert store.version_reads == 4
     await store.record([comparison(1, b, a)])
-    assert (await net.score("u", q, [a, b])).history_turns == 4
+    assert (await net.score("u", Q, [a, b])).history_turns == 4
