@@ -34,6 +34,7 @@ def train_config(
     users_per_step: int = 16,
     max_history: int = 128,
     history_readout: bool = True,
+    ema_decay: float = 0.99,
 ) -> TrainConfig:
     """The :class:`TrainConfig` of the command-line options (defaults = ``gmtrouter train``).
 
@@ -51,7 +52,12 @@ def train_config(
         history_readout=history_readout,
     )  # type: ignore[arg-type,unused-ignore]
     return TrainConfig(
-        network=net, steps=steps, lr=lr, users_per_step=users_per_step, max_history=max_history
+        network=net,
+        steps=steps,
+        lr=lr,
+        users_per_step=users_per_step,
+        max_history=max_history,
+        ema_decay=ema_decay,
     )
 
 

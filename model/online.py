@@ -228,6 +228,7 @@ def fine_tune(
         empty_history_prob=0.1,
         tie_weight=config.tie_weight,
         val_fraction=0.0,
+        ema_decay=0.0,  # a round is short: keep its own last weights (acceptance judges them)
     )
     res = train_prepared(
         prep,

@@ -90,6 +90,10 @@ def train(
         bool,
         typer.Option(help="Per-user history readout on LLM nodes (off = the paper's head)."),
     ] = True,
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Decay of the weight average that is validated and kept (0 = off)."),
+    ] = 0.99,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
     holdout_fraction: Annotated[
         float, typer.Option(help="Leave this share of users out (a seeded user split).")
@@ -113,6 +117,7 @@ def train(
                 dropout=dropout,
                 reverse_edges=reverse_edges,
                 history_readout=history_readout,
+                ema_decay=ema_decay,
             ),
             seed=seed,
             threads=threads,
