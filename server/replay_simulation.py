@@ -1,0 +1,127 @@
+"""Offline simulation of ``gmtrouter replay`` with frozen weights (a development tool).
+
+It trains the network on the users outside the held-out half (``holdout_users(..., 0.5,
+split_seed)``), then walks the held-out users' comparisons in the replay's order
+(:func:`server.replay.replay_order`) and scores each non-tied one with
+:func:`model.training.score_pairs`, giving the network the same user's earlier comparisons of
+the stream as history (the newest ``history_cap``, like the sampler's ``fan_out[0]`` = 256
+turns = 128 comparisons). No server, no store, no gRPC: a run takes minutes instead of a full
+replay, and on LLMFAO and MT-Bench it reproduced the live replay's ``gmtrouter`` accuracy to
+four decimals. It does not replace the replay (README numbers come from the replay); it is
+how training settings were compared over several seeds.
+
+Usage::
+
+    .venv/bin/python -m server.replay_simulation --dataset mt_bench \\
+        --data-path ../shared/data/mt_bench_human_judgments_full --seed 137 [--ema-decay 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.data import Encoder, prepare
+from model.datasets import DATASETS, PreferenceRecord, load_dataset
+from model.datasets.splits import holdout_users
+from model.text_encoder import TextEncoder
+from model.training import TrainConfig, score_pairs, train_prepared
+from server.replay import CURVE_EDGES, replay_order
+
+
+def simulate_replay(
+    records: Sequence[PreferenceRecord],
+    encoder: Encoder,
+    config: TrainConfig,
+    *,
+    seed: int = 136,
+    split_seed: int = 0,
+    holdout_fraction: float = 0.5,
+    history_cap: int = 128,
+) -> dict[str, Any]:
+    """Train on the kept users, replay the held-out ones offline.
+
+    Args:
+        records: The data set.
+        encoder: Query/LLM text encoder.
+        config: Training hyper-parameters.
+        seed: Training seed.
+        split_seed, holdout_fraction: The user split (as ``gmtrouter replay``).
+        history_cap: Most recent earlier comparisons of the user given as history.
+
+    Returns:
+        ``online_accuracy`` (non-tied, a zero score difference counts half), ``pairs``,
+        ``curve`` (accuracy per :data:`server.replay.CURVE_EDGES` bucket of earlier
+        comparisons, None where empty), ``best_step``, ``train_s`` (seconds).
+
+    Raises:
+        ValueError: no held-out or no training user (``holdout_fraction`` too small or large).
+    """
+    held = holdout_users({r.user_id for r in records}, holdout_fraction, split_seed)
+    train_recs = [r for r in records if r.user_id not in held]
+    if not held or not train_recs:
+        raise ValueError(f"holdout_fraction {holdout_fraction} leaves no held-out/training user")
+    position = {id(r): i for i, r in enumerate(records)}
+    prep = prepare(records, encoder)
+    train_idx = np.array([position[id(r)] for r in train_recs], dtype=np.int64)
+    t0 = time.perf_counter()
+    res = train_prepared(prep, train_idx, config, seed=seed)
+    train_s = time.perf_counter() - t0
+    stream = [position[id(r)] for r in replay_order([r for r in records if r.user_id in held], 0)]
+    seen: dict[int, list[int]] = {}
+    hits: list[float] = []
+    by_bucket: dict[int, list[float]] = {}
+    for i in stream:
+        user = int(prep.user[i])
+        earlier = seen.setdefault(user, [])
+        if prep.y[i] != 0.5:
+            history = np.array(earlier[-history_cap:] if history_cap else [], dtype=np.int64)
+            diff = score_pairs(res.network, prep, np.array([i], dtype=np.int64), {user: history})
+            hit = 0.5 if diff[0] == 0 else float((diff[0] > 0) == (prep.y[i] > 0.5))
+            hits.append(hit)
+            bucket = max(k for k, edge in enumerate(CURVE_EDGES) if len(earlier) >= edge)
+            by_bucket.setdefault(bucket, []).append(hit)
+        earlier.append(i)
+    return {
+        "online_accuracy": float(np.mean(hits)) if hits else None,
+        "pairs": len(hits),
+        "curve": [
+            float(np.mean(by_bucket[k])) if k in by_bucket else None
+            for k in range(len(CURVE_EDGES))
+        ],
+        "best_step": res.metrics["best_step"],
+        "train_s": train_s,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line (see the module docstring); prints one JSON object."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--dataset", choices=DATASETS, required=True)
+    ap.add_argument("--data-path", required=True)
+    ap.add_argument("--seed", type=int, default=136)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--ema-decay", type=float, default=TrainConfig().ema_decay)
+    ap.add_argument("--history-cap", type=int, default=128)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    out = simulate_replay(
+        load_dataset(args.dataset, args.data_path),
+        TextEncoder(),
+        TrainConfig(ema_decay=args.ema_decay),
+        seed=args.seed,
+        split_seed=args.split_seed,
+        history_cap=args.history_cap,
+    )
+    print(json.dumps({"dataset": args.dataset, "seed": args.seed, **out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
