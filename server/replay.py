@@ -379,6 +379,10 @@ async def replay_embedded(
 ) -> dict[str, Any]:
     """Start a real server in-process on a free port (settings' store), then :func:`replay`.
 
+    The in-process server opens no Prometheus endpoint (``metrics_port`` 0): the replay
+    measures latency from the client side, and a second replay or a running server would
+    otherwise collide on the metrics port.
+
     Args:
         records: Canonical records.
         settings: :class:`server.config.Settings` for the in-process server.
@@ -387,7 +391,11 @@ async def replay_embedded(
     from server.app import RouterServer
 
     settings = settings.model_copy(
-        update={"server": settings.server.model_copy(update={"host": "127.0.0.1", "port": 0})}
+        update={
+            "server": settings.server.model_copy(
+                update={"host": "127.0.0.1", "port": 0, "metrics_port": 0}
+            )
+        }
     )
     from server.importer import import_records
 
