@@ -34,7 +34,7 @@ def train_config(
     users_per_step: int = 16,
     max_history: int = 128,
     history_readout: bool = True,
-    ema_decay: float = 0.99,
+    ema_decay: float = TrainConfig.model_fields["ema_decay"].default,
 ) -> TrainConfig:
     """The :class:`TrainConfig` of the command-line options (defaults = ``gmtrouter train``).
 

@@ -92,8 +92,11 @@ def train(
     ] = True,
     ema_decay: Annotated[
         float,
-        typer.Option(help="Decay of the weight average that is validated and kept (0 = off)."),
-    ] = 0.99,
+        typer.Option(
+            help="Cap of the decay of the weight average that is validated and kept (it ramps "
+            "up as (1+n)/(10+n) over n steps; 0 = raw weights)."
+        ),
+    ] = 0.99,  # TrainConfig's default (model.training imports torch: not at CLI start-up)
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
     holdout_fraction: Annotated[
         float, typer.Option(help="Leave this share of users out (a seeded user split).")
@@ -144,6 +147,10 @@ def evaluate(
     history_readout: Annotated[
         bool, typer.Option(help="Per-user history readout (ablation: off = the paper's head).")
     ] = True,
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Cap of the decay of the weight average (as train; 0 = raw weights)."),
+    ] = 0.99,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
 ) -> None:
     """Train and score every method on the same splits; print a table and write JSON."""
@@ -163,6 +170,7 @@ def evaluate(
                 steps=steps,
                 reverse_edges=reverse_edges,
                 history_readout=history_readout,
+                ema_decay=ema_decay,
             ),
             threads=threads,
         )

@@ -2,13 +2,14 @@
 
 It trains the network on the users outside the held-out half (``holdout_users(..., 0.5,
 split_seed)``), then walks the held-out users' comparisons in the replay's order
-(:func:`server.replay.replay_order`) and scores each non-tied one with
-:func:`model.training.score_pairs`, giving the network the same user's earlier comparisons of
-the stream as history (the newest ``history_cap``, like the sampler's ``fan_out[0]`` = 256
-turns = 128 comparisons). No server, no store, no gRPC: a run takes minutes instead of a full
-replay, and on LLMFAO and MT-Bench it reproduced the live replay's ``gmtrouter`` accuracy to
-four decimals. It does not replace the replay (README numbers come from the replay); it is
-how training settings were compared over several seeds.
+(:func:`server.replay.replay_order`, shuffle seed 0 as the replay's default) and scores
+each non-tied one with :func:`model.training.score_pairs`, giving the network the same
+user's earlier comparisons of the stream as history (the newest ``history_cap``, like the
+sampler's ``fan_out[0]`` = 256 turns = 128 comparisons). No server, no store, no gRPC: a
+run takes minutes instead of a full replay, and on LLMFAO and MT-Bench it reproduced the
+live replay's ``gmtrouter`` accuracy to four decimals. It does not replace the replay
+(README numbers come from the replay); it is how training settings were compared over
+several seeds.
 
 Usage::
 
@@ -61,18 +62,21 @@ def simulate_replay(
         comparisons, None where empty), ``best_step``, ``train_s`` (seconds).
 
     Raises:
-        ValueError: no held-out or no training user (``holdout_fraction`` too small or large).
+        ValueError: no held-out or no training user (``holdout_fraction`` too small or large),
+            or no training user with two sessions (:func:`model.training.train_prepared`).
     """
     held = holdout_users({r.user_id for r in records}, holdout_fraction, split_seed)
     train_recs = [r for r in records if r.user_id not in held]
     if not held or not train_recs:
         raise ValueError(f"holdout_fraction {holdout_fraction} leaves no held-out/training user")
+    # Trained on its own preparation of the kept users, as ``gmtrouter train
+    # --holdout-fraction`` does (same models, same node counts, same random draws).
+    train_prep = prepare(train_recs, encoder)
+    t0 = time.perf_counter()
+    res = train_prepared(train_prep, np.arange(train_prep.n, dtype=np.int64), config, seed=seed)
+    train_s = time.perf_counter() - t0
     position = {id(r): i for i, r in enumerate(records)}
     prep = prepare(records, encoder)
-    train_idx = np.array([position[id(r)] for r in train_recs], dtype=np.int64)
-    t0 = time.perf_counter()
-    res = train_prepared(prep, train_idx, config, seed=seed)
-    train_s = time.perf_counter() - t0
     stream = [position[id(r)] for r in replay_order([r for r in records if r.user_id in held], 0)]
     seen: dict[int, list[int]] = {}
     hits: list[float] = []

@@ -27,3 +27,16 @@ def test_train_leaves_the_held_out_users_out(tmp_path: Path) -> None:
     extra = load_checkpoint(out).extra
     assert extra["train_users"] == len(users - held)
     assert (extra["holdout_fraction"], extra["split_seed"]) == (0.5, 3)
+
+
+def test_train_and_evaluate_default_to_the_training_configs_weight_average() -> None:
+    import typer.main
+
+    from model.training import TrainConfig
+
+    group = typer.main.get_command(app)
+    ctx = typer.Context(group)
+    for name in ("train", "evaluate"):
+        cmd = group.get_command(ctx, name)  # type: ignore[attr-defined]
+        (param,) = [p for p in cmd.params if p.name == "ema_decay"]
+        assert param.default == TrainConfig().ema_decay, name
