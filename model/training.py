@@ -39,10 +39,10 @@ class TrainConfig(BaseModel):
     weights of one step. The decay after ``n`` updates is ``min(ema_decay, (1 + n) / (10 +
     n))``: the averaged weights are on average about ``n / 10`` steps old (≈ 30 at the default
     300 steps, where the decay ends at 0.971), and the cap 0.99 only binds after 890 steps.
-    In offline simulations of the replay
-    (:mod:`server.replay_simulation`) it made the result far less dependent on the training
-    seed: MT-Bench 0.767–0.806 without it, 0.802–0.809 with it (seeds 136–138); LLMFAO 0.7455
-    / 0.7302 without, 0.7406 / 0.7445 with (seeds 136 / 137). README → Results has the replays.
+    In offline simulations of the replay (:mod:`server.replay_simulation`) it made the result
+    far less dependent on the training seed: MT-Bench 0.767–0.806 without it, 0.802–0.809
+    with it (seeds 136–138); LLMFAO 0.7455 / 0.7302 without, 0.7406 / 0.7445 with (seeds 136 /
+    137). README → Results has the replays.
 
     Defaults: 128 history comparisons per user (the server samples the newest ``fan_out[0]``
     = 256 turns, i.e. 128 comparisons when every interaction is a comparison), Adam at the
