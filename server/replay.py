@@ -70,8 +70,9 @@ def record_key(dataset: str, r: PreferenceRecord) -> str:
     )
 
 
-def _bucket(n_before: int) -> int:
-    """Index of the curve bucket for ``n_before`` earlier interactions."""
+def curve_bucket(n_before: int) -> int:
+    """Index into :data:`CURVE_EDGES` of the curve bucket for ``n_before`` earlier
+    interactions of the user."""
     b = 0
     for i, edge in enumerate(CURVE_EDGES):
         if n_before >= edge:
@@ -140,7 +141,9 @@ class OnlineBradleyTerry:
 
 
 @dataclasses.dataclass
-class _Tally:
+class ReplayTally:
+    """One method's online accuracy, learning curve and Select latencies (ms) in a replay."""
+
     hits: float = 0.0
     n: int = 0
     curve_hits: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(CURVE_EDGES))
@@ -148,6 +151,8 @@ class _Tally:
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, diff: float, outcome: str, bucket: int) -> None:
+        """Count one comparison (``diff`` = score(a) − score(b); a tie is not counted, a zero
+        difference counts half) in the overall tally and in curve bucket ``bucket``."""
         if outcome == "tie":
             return
         hit = 0.5 if diff == 0 else float((diff > 0) == (outcome == "a"))
@@ -157,6 +162,7 @@ class _Tally:
         self.curve_n[bucket] += 1
 
     def summary(self) -> dict[str, Any]:
+        """The JSON shape of one method (``select_*_ms`` are NaN without latencies)."""
         lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
         return {
             "online_accuracy": self.hits / self.n if self.n else None,
@@ -222,7 +228,7 @@ async def replay(
     order = replay_order(records, seed)
     if limit is not None:
         order = order[:limit]
-    tallies = {name: _Tally() for name in ("gmtrouter", "global_bt", "per_user_bt")}
+    tallies = {name: ReplayTally() for name in ("gmtrouter", "global_bt", "per_user_bt")}
     bt = OnlineBradleyTerry()
     seen: dict[str, int] = defaultdict(int)
     history: dict[tuple[str, str], list[str]] = defaultdict(list)
@@ -265,7 +271,7 @@ async def replay(
             tallies["gmtrouter"].latencies_ms.append((time.perf_counter() - t0) * 1e3)
             methods[sel.method] += 1
             versions.add(sel.model_version)
-            bucket = _bucket(seen[r.user_id])
+            bucket = curve_bucket(seen[r.user_id])
             tallies["gmtrouter"].add(
                 sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, bucket
             )

@@ -33,7 +33,7 @@ from model.datasets import DATASETS, PreferenceRecord, load_dataset
 from model.datasets.splits import holdout_users
 from model.text_encoder import TextEncoder
 from model.training import TrainConfig, score_pairs, train_prepared
-from server.replay import CURVE_EDGES, replay_order
+from server.replay import ReplayTally, curve_bucket, replay_order
 
 
 def simulate_replay(
@@ -57,9 +57,9 @@ def simulate_replay(
         history_cap: Most recent earlier comparisons of the user given as history.
 
     Returns:
-        ``online_accuracy`` (non-tied, a zero score difference counts half), ``pairs``,
-        ``curve`` (accuracy per :data:`server.replay.CURVE_EDGES` bucket of earlier
-        comparisons, None where empty), ``best_step``, ``train_s`` (seconds).
+        ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs`` and
+        ``curve`` as in the replay's JSON (:class:`server.replay.ReplayTally`), ``best_step``,
+        ``train_s`` (seconds).
 
     Raises:
         ValueError: no held-out or no training user (``holdout_fraction`` too small or large),
@@ -77,28 +77,23 @@ def simulate_replay(
     train_s = time.perf_counter() - t0
     position = {id(r): i for i, r in enumerate(records)}
     prep = prepare(records, encoder)
-    stream = [position[id(r)] for r in replay_order([r for r in records if r.user_id in held], 0)]
+    stream_records = replay_order([r for r in records if r.user_id in held], 0)
+    stream = [position[id(r)] for r in stream_records]
     seen: dict[int, list[int]] = {}
-    hits: list[float] = []
-    by_bucket: dict[int, list[float]] = {}
-    for i in stream:
+    tally = ReplayTally()
+    for i, record in zip(stream, stream_records, strict=True):
         user = int(prep.user[i])
         earlier = seen.setdefault(user, [])
-        if prep.y[i] != 0.5:
+        if record.outcome != "tie":
             history = np.array(earlier[-history_cap:] if history_cap else [], dtype=np.int64)
             diff = score_pairs(res.network, prep, np.array([i], dtype=np.int64), {user: history})
-            hit = 0.5 if diff[0] == 0 else float((diff[0] > 0) == (prep.y[i] > 0.5))
-            hits.append(hit)
-            bucket = max(k for k, edge in enumerate(CURVE_EDGES) if len(earlier) >= edge)
-            by_bucket.setdefault(bucket, []).append(hit)
+            tally.add(float(diff[0]), record.outcome, curve_bucket(len(earlier)))
         earlier.append(i)
+    summary = tally.summary()
     return {
-        "online_accuracy": float(np.mean(hits)) if hits else None,
-        "pairs": len(hits),
-        "curve": [
-            float(np.mean(by_bucket[k])) if k in by_bucket else None
-            for k in range(len(CURVE_EDGES))
-        ],
+        "online_accuracy": summary["online_accuracy"],
+        "n_pairs": summary["n_pairs"],
+        "curve": summary["curve"],
         "best_step": res.metrics["best_step"],
         "train_s": train_s,
     }

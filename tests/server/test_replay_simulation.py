@@ -19,8 +19,8 @@ def test_simulation_scores_the_held_out_non_tied_pairs_with_their_history() -> N
     cfg = TrainConfig(steps=60, eval_every=20, lr=2e-3)
     with_history = simulate_replay(records, HashEncoder(dim=16), cfg, seed=0)
     without = simulate_replay(records, HashEncoder(dim=16), cfg, seed=0, history_cap=0)
-    assert with_history["pairs"] == without["pairs"] == expected > 0
+    assert with_history["n_pairs"] == without["n_pairs"] == expected > 0
     assert len(with_history["curve"]) == len(CURVE_EDGES)
-    assert with_history["curve"][0] is not None  # every user's first comparison
+    assert with_history["curve"][0]["accuracy"] is not None  # every user's first comparison
     # The planted preferences are per user: history is what makes them predictable.
     assert with_history["online_accuracy"] > without["online_accuracy"] + 0.1
