@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.data import Encoder, prepare
 from model.datasets import DATASETS, PreferenceRecord, load_dataset
@@ -45,6 +46,7 @@ def simulate_replay(
     split_seed: int = 0,
     holdout_fraction: float = 0.5,
     history_cap: int = 128,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train on the kept users, replay the held-out ones offline.
 
@@ -55,6 +57,7 @@ def simulate_replay(
         seed: Training seed.
         split_seed, holdout_fraction: The user split (as ``gmtrouter replay``).
         history_cap: Most recent earlier comparisons of the user given as history.
+        progress: Progress bars for training and for the replayed stream (stderr).
 
     Returns:
         ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs`` and
@@ -73,7 +76,9 @@ def simulate_replay(
     # --holdout-fraction`` does (same models, same node counts, same random draws).
     train_prep = prepare(train_recs, encoder)
     t0 = time.perf_counter()
-    res = train_prepared(train_prep, np.arange(train_prep.n, dtype=np.int64), config, seed=seed)
+    res = train_prepared(
+        train_prep, np.arange(train_prep.n, dtype=np.int64), config, seed=seed, progress=progress
+    )
     train_s = time.perf_counter() - t0
     position = {id(r): i for i, r in enumerate(records)}
     prep = prepare(records, encoder)
@@ -81,7 +86,13 @@ def simulate_replay(
     stream = [position[id(r)] for r in stream_records]
     seen: dict[int, list[int]] = {}
     tally = ReplayTally()
-    for i, record in zip(stream, stream_records, strict=True):
+    pairs = tqdm(
+        zip(stream, stream_records, strict=True),
+        total=len(stream),
+        desc="simulate replay",
+        disable=not progress,
+    )
+    for i, record in pairs:
         user = int(prep.user[i])
         earlier = seen.setdefault(user, [])
         if record.outcome != "tie":
@@ -117,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         split_seed=args.split_seed,
         history_cap=args.history_cap,
+        progress=True,
     )
     print(json.dumps({"dataset": args.dataset, "seed": args.seed, **out}))
     return 0
