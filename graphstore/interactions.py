@@ -13,6 +13,7 @@ turn step) joined to the user, the query, the LLM and a response node carrying t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -20,6 +21,20 @@ import numpy as np
 import numpy.typing as npt
 
 from graphstore.errors import InvalidInteractionError
+
+
+def query_key(text: str) -> str:
+    """The store's key of a query text: ``sha256:<64 hex digits>`` of its UTF-8 bytes after
+    collapsing runs of whitespace (and trimming the ends); "" for a blank text.
+
+    Two requests with the same question (up to whitespace) share the key, whatever the user;
+    the key reveals nothing of the text (it is stored also when ``privacy.store_raw_text`` is
+    false).
+    """
+    norm = " ".join(text.split())
+    if not norm:
+        return ""
+    return "sha256:" + hashlib.sha256(norm.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +82,9 @@ class Interaction:
         idempotency_key: Client key; a second record with the same key is a duplicate.
         rating: Normalised rating in [0, 1], or None.
         comparison: Pairwise outcome, or None.
+        query_key: :func:`query_key` of the raw query text ("" when unknown): the same
+            question asked by different users has the same key (the per-query evidence of
+            :meth:`~graphstore.store.GraphStore.query_pair_counts`).
     """
 
     interaction_id: str
@@ -81,6 +99,7 @@ class Interaction:
     idempotency_key: str
     rating: float | None = None
     comparison: Comparison | None = None
+    query_key: str = ""
 
     def outcomes(self) -> list[Outcome]:
         """The turn nodes this interaction adds to the graph.

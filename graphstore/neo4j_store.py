@@ -6,7 +6,7 @@ Nodes
     ``(:User {user_id, version})`` — ``version`` counts the interactions written for the user.
     ``(:LLM {name})``.
     ``(:Query {interaction_id, idempotency_key, user_id, session_id, turn_index, text,
-    embedding, model, response, rating, winner_model, loser_model, tie, ts})`` — one per
+    embedding, model, response, rating, winner_model, loser_model, tie, ts, query_key})`` — one per
     recorded interaction; it carries the interaction-level properties (there is no separate
     ``Interaction`` label). ``embedding`` is little-endian float32 bytes (``4·D`` bytes).
     ``(:Response {response_id, llm, outcome, text})`` — one per turn; ``response_id`` equals
@@ -34,8 +34,8 @@ Online learning (``graphstore/registry.py``), outside the interaction graph
 Uniqueness constraints (created idempotently by :meth:`Neo4jGraphStore.open`) on
 ``User.user_id``, ``LLM.name``, ``Query.interaction_id``, ``Query.idempotency_key``,
 ``Response.response_id``, ``Turn.turn_id`` and ``PairCount(model_a, model_b)``; range indexes
-on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, session_id)`` and
-``Query.user_id``.
+on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, session_id)``,
+``Query.user_id`` and ``Query(query_key, ts)``.
 
 Writes: concurrent :meth:`~Neo4jGraphStore.record` calls are grouped into one managed write
 transaction (group commit); a call returns once the transaction holding its rows has
@@ -116,6 +116,8 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX turn_llm_ts IF NOT EXISTS FOR (t:Turn) ON (t.llm, t.ts)",
     "CREATE INDEX turn_user_session IF NOT EXISTS FOR (t:Turn) ON (t.user_id, t.session_id)",
     "CREATE INDEX query_user IF NOT EXISTS FOR (q:Query) ON (q.user_id)",
+    # per-query evidence (query_pair_counts): newest comparisons of one key first
+    "CREATE INDEX query_key_ts IF NOT EXISTS FOR (q:Query) ON (q.query_key, q.ts)",
     # online learning (graphstore/registry.py)
     "CREATE INDEX query_ts IF NOT EXISTS FOR (q:Query) ON (q.ts)",
     "CREATE CONSTRAINT model_weights_version IF NOT EXISTS "
@@ -476,6 +478,7 @@ class _Plan:
                         "loser_model": c.loser_model if c else None,
                         "tie": c.tie if c else None,
                         "ts": ts,
+                        "query_key": it.query_key,
                     },
                     "turns": [
                         {
@@ -938,6 +941,29 @@ class Neo4jGraphStore(GraphStore):
             return [r["name"] async for r in await tx.run("MATCH (m:LLM) RETURN m.name AS name")]
 
         return sorted(await self._read(work, "list_models"))
+
+    async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
+        """See :meth:`GraphStore.query_pair_counts` (a seek on the ``(query_key, ts)`` index,
+        newest first, stopping after ``limit``)."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+        if not query_key:
+            return []
+
+        async def work(tx: AsyncManagedTransaction) -> list[PairCount]:
+            result = await tx.run(
+                "MATCH (q:Query) USING INDEX q:Query(query_key, ts) "
+                "WHERE q.query_key = $key AND q.ts IS NOT NULL AND q.winner_model IS NOT NULL "
+                "AND q.loser_model IS NOT NULL "
+                "WITH q ORDER BY q.ts DESC LIMIT $limit "
+                "RETURN q.winner_model AS w, q.loser_model AS l, q.tie AS tie",
+                key=query_key,
+                limit=limit,
+            )
+            return pair_deltas([(r["w"], r["l"], bool(r["tie"])) async for r in result])
+
+        rows: list[PairCount] = await self._read(work, "query_pair_counts")
+        return rows
 
     async def pair_counts(self) -> list[PairCount]:
         """See :meth:`GraphStore.pair_counts`."""

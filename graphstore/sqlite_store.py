@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS interactions (
     winner_model TEXT,
     loser_model TEXT,
     tie INTEGER,
-    ts REAL NOT NULL
+    ts REAL NOT NULL,
+    query_key TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS turns (
     turn_id TEXT PRIMARY KEY,
@@ -103,6 +104,20 @@ CREATE TABLE IF NOT EXISTS pair_counts (
     PRIMARY KEY (model_a, model_b)
 );
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file written by an older version up to the schema (idempotent).
+
+    ``interactions.query_key`` (added with the per-query evidence) is added empty: rows
+    written before it never count as per-query evidence.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
+    if "query_key" not in columns:
+        conn.execute("ALTER TABLE interactions ADD COLUMN query_key TEXT NOT NULL DEFAULT ''")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS interactions_by_query_key ON interactions(query_key, ts DESC)"
+    )
 
 
 class SQLiteGraphStore(GraphStore):
@@ -144,6 +159,7 @@ class SQLiteGraphStore(GraphStore):
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"cannot open SQLite store {self.path!r}: {exc}") from exc
         self._conn = conn
@@ -246,7 +262,7 @@ class SQLiteGraphStore(GraphStore):
         conn.execute(
             "INSERT INTO interactions(interaction_id, idempotency_key, user_id, session_id, "
             "turn_index, query, query_embedding, model, response, rating, winner_model, "
-            "loser_model, tie, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "loser_model, tie, ts, query_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 it.interaction_id,
                 it.idempotency_key or None,
@@ -262,6 +278,7 @@ class SQLiteGraphStore(GraphStore):
                 c.loser_model if c else None,
                 int(c.tie) if c else None,
                 it.timestamp_s,
+                it.query_key,
             ),
         )
         conn.executemany(
@@ -411,6 +428,24 @@ class SQLiteGraphStore(GraphStore):
         return await self._run(
             lambda: [r[0] for r in self._db().execute("SELECT name FROM llms ORDER BY name")]
         )
+
+    async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
+        """See :meth:`GraphStore.query_pair_counts`."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+        if not query_key:
+            return []
+
+        def read() -> list[PairCount]:
+            rows = self._db().execute(
+                "SELECT winner_model, loser_model, tie FROM interactions "
+                "WHERE query_key = ? AND winner_model IS NOT NULL AND loser_model IS NOT NULL "
+                "ORDER BY ts DESC LIMIT ?",
+                (query_key, limit),
+            )
+            return pair_deltas((w, lo, bool(t)) for w, lo, t in rows)
+
+        return await self._run(read)
 
     async def pair_counts(self) -> list[PairCount]:
         """See :meth:`GraphStore.pair_counts`."""

@@ -92,6 +92,24 @@ class GraphStore(abc.ABC):
         """Pairwise win counts over all recorded comparisons (for the Bradley–Terry prior)."""
 
     @abc.abstractmethod
+    async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
+        """Pairwise win counts over the ``limit`` most recent comparisons (by timestamp)
+        recorded for queries with this :func:`~graphstore.interactions.query_key`, by any
+        user (the per-query Bradley–Terry evidence, ``server/query_evidence.py``).
+
+        One indexed read. Comparisons recorded without a key (``query_key`` "", e.g. before
+        the key existed) never count; a deleted user's comparisons are gone with the user.
+
+        Returns:
+            One :class:`PairCount` per model pair (``model_a < model_b``), sorted by names;
+            empty for the key "" or an unknown key.
+
+        Raises:
+            ValueError: ``limit`` < 1.
+            StoreUnavailableError: the database failed.
+        """
+
+    @abc.abstractmethod
     async def counts(self) -> dict[str, int]:
         """Number of nodes per type and of interactions.
 

@@ -99,3 +99,41 @@ def fit_bradley_terry(
 def win_probability(theta_a: float, theta_b: float) -> float:
     """P(a beats b) = sigmoid(θ_a − θ_b), in [0, 1]."""
     return float(1.0 / (1.0 + np.exp(-(theta_a - theta_b))))
+
+
+def per_query_deviation(
+    wins: Iterable[tuple[str, str, float]],
+    theta: Mapping[str, float],
+    candidates: Iterable[str],
+    *,
+    prior_strength: float = 10.0,
+) -> dict[str, float]:
+    """How one query's outcomes move each candidate away from its global strength.
+
+    Fits Bradley–Terry strengths on the query's own comparisons, each model pulled towards
+    its global strength ``theta[m]`` (0 when absent) by ``prior_strength`` virtual games
+    (:func:`fit_bradley_terry` with ``prior=theta``), and returns ``θ_q[m] − θ[m]``. Few
+    comparisons give a deviation near 0; many give the query's own strength difference.
+    Not in the GMTRouter paper: an addition of ours (``server/query_evidence.py``).
+
+    Args:
+        wins: The query's ``(winner, loser, weight)`` triples; a tie is two of weight 0.5.
+        theta: Global log-strengths.
+        candidates: Models to return.
+        prior_strength: Virtual games per model (≥ 0).
+
+    Returns:
+        ``{candidate: deviation}`` in log-strength units (0.0 for every candidate when
+        ``wins`` is empty).
+
+    Raises:
+        ValueError: negative ``prior_strength`` or weight.
+    """
+    names = list(dict.fromkeys(candidates))
+    rows = list(wins)
+    if not rows:
+        return {m: 0.0 for m in names}
+    fit = fit_bradley_terry(
+        rows, prior_strength=prior_strength, prior=theta, models=names, max_iter=100
+    )
+    return {m: fit.get(m, 0.0) - float(theta.get(m, 0.0)) for m in names}

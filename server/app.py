@@ -35,6 +35,7 @@ from model.text_encoder import TextEncoder
 from server.config import Settings
 from server.degraded import CALL_DEADLINE, BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.metrics import InstrumentedStore, Metrics
+from server.query_evidence import QueryEvidenceSource
 from server.routing import RoutingService
 from server.scoring import Scorer
 from server.security import BearerAuth, load_tokens, server_credentials
@@ -302,7 +303,12 @@ class RouterServer:
         await self.store.open()
         store = InstrumentedStore(self.store, self.metrics)
         scorer = build_scorer(self.settings, store, self.encoder, self.executor, self.metrics)
-        self.service = RoutingService(self.settings, store, scorer, self.encoder, self.executor)
+        evidence = QueryEvidenceSource(
+            self.settings.query_evidence, scorer.prior.store, scorer.prior, self.executor
+        )
+        self.service = RoutingService(
+            self.settings, store, scorer, self.encoder, self.executor, evidence
+        )
         if self.settings.gmtrouter.model_path and self.settings.gmtrouter.learn_preferences:
             from server.learning import OnlineLearner
             from server.personalization import NetworkScorer

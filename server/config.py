@@ -2,8 +2,8 @@
 
 The ``decision`` and ``models`` sections use exactly the seed's keys
 (``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
-``store``, ``sampler``, ``embedding``, ``logging``, ``limits``, ``streaming``, ``prior`` and
-``privacy`` are ours.
+``store``, ``sampler``, ``embedding``, ``logging``, ``limits``, ``streaming``, ``prior``,
+``query_evidence``, ``learning`` and ``privacy`` are ours.
 Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
 override ``store.neo4j.*``; bearer tokens come from ``server.auth.tokens_file`` or env
 ``GMTROUTER_AUTH_TOKENS`` (``server/security.py``), never from this file.
@@ -271,6 +271,35 @@ class PriorSettings(_Section):
     )
 
 
+class QueryEvidenceSettings(_Section):
+    """``query_evidence`` — every user's outcomes on the same query (server/query_evidence.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="Add to each candidate's score how its per-query Bradley-Terry strength "
+        "(over every user's comparisons of the same query text) deviates from its global one.",
+    )
+    prior_strength: float = Field(
+        10.0,
+        gt=0,
+        le=1000,
+        description="Virtual games per model pulling the per-query strengths to the global ones.",
+    )
+    weight: float = Field(
+        1.0, ge=0, le=100, description="Multiplier of the deviation added to the scores."
+    )
+    max_comparisons: int = Field(
+        1000, ge=1, le=1_000_000, description="Most recent comparisons of one query read."
+    )
+    max_age_ms: float = Field(
+        1000.0,
+        ge=0,
+        le=3_600_000,
+        description="Reuse a query's counts this long (ms); 0 = read the store every Select. "
+        "A write through this replica is seen at once, one through another within this bound.",
+    )
+
+
 class LearningSettings(_Section):
     """``learning`` — online fine-tuning, on when ``decision.algorithm.gmtrouter.learn_preferences``
     is true and a checkpoint is served (``server/learning.py`` has the exact behaviour)."""
@@ -346,6 +375,7 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     streaming: StreamingSettings = StreamingSettings()
     prior: PriorSettings = PriorSettings()
+    query_evidence: QueryEvidenceSettings = QueryEvidenceSettings()
     learning: LearningSettings = LearningSettings()
     privacy: PrivacySettings = PrivacySettings()
 

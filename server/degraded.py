@@ -157,6 +157,10 @@ class BudgetedStore(GraphStore):
         """See :meth:`GraphStore.pair_counts`; raises StoreTimeoutError past the budget."""
         return await self._read("pair_counts", self.inner.pair_counts())
 
+    async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
+        """See :meth:`GraphStore.query_pair_counts`; raises StoreTimeoutError past the budget."""
+        return await self._read("query_pair_counts", self.inner.query_pair_counts(query_key, limit))
+
     async def counts(self) -> dict[str, int]:
         """See :meth:`GraphStore.counts`; raises StoreTimeoutError past the budget."""
         return await self._read("counts", self.inner.counts())

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from graphstore.interactions import Comparison, Interaction
+from graphstore.interactions import Comparison, Interaction, query_key
 from graphstore.store import GraphStore
 from model.datasets import PreferenceRecord
 from server.replay import record_key, replay_order
@@ -44,6 +44,7 @@ def record_to_interaction(
         session_id=r.session_id,
         turn_index=r.turn_index,
         query=r.query_text,
+        query_key=query_key(r.query_text),
         query_embedding=embedding,
         model=winner,
         response=r.response_a if winner == r.model_a else r.response_b,

@@ -270,6 +270,13 @@ class InstrumentedStore(GraphStore):
         out: list[PairCount] = await self._call("pair_counts", self.inner.pair_counts())
         return out
 
+    async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
+        """See :meth:`GraphStore.query_pair_counts`."""
+        out: list[PairCount] = await self._call(
+            "query_pair_counts", self.inner.query_pair_counts(query_key, limit)
+        )
+        return out
+
     async def counts(self) -> dict[str, int]:
         """See :meth:`GraphStore.counts`."""
         out: dict[str, int] = await self._call("counts", self.inner.counts())

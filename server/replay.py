@@ -10,9 +10,11 @@ learning with a change of topic):
 3. ``RecordResponse`` with the human outcome (winner/loser or tie).
 
 Online pairwise accuracy counts non-tied comparisons; a prediction whose two scores are equal
-counts as half right (a coin flip). The Bradley–Terry baselines (``global_bt``, and
-``per_user_bt`` shrunk towards the global strengths) are replayed on the same stream: they
-predict before and learn after each comparison, exactly like the service.
+counts as half right (a coin flip). The Bradley–Terry baselines (``global_bt``,
+``per_user_bt`` shrunk towards the global strengths, and ``per_query_bt``: the global
+strengths plus the per-query deviation the service adds, ``server/query_evidence.py``, with
+its default settings) are replayed on the same stream: they predict before and learn after
+each comparison, exactly like the service.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -33,10 +35,12 @@ from tqdm import tqdm
 
 from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc as pb_grpc
-from model.bradley_terry import fit_bradley_terry
+from graphstore.interactions import query_key
+from model.bradley_terry import fit_bradley_terry, per_query_deviation
 from model.data import embed_texts
 from model.datasets import PreferenceRecord
 from model.text_encoder import TextEncoder
+from server.config import QueryEvidenceSettings
 
 #: Buckets of "interactions the user had before this one" for the learning curve.
 CURVE_EDGES: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200)
@@ -88,6 +92,14 @@ def _bucket_label(i: int) -> str:
     return str(lo) if hi == lo else f"{lo}-{hi}"
 
 
+class BaselineScores(NamedTuple):
+    """Score differences θ_a − θ_b of the Bradley–Terry baselines for one comparison."""
+
+    global_bt: float
+    per_user_bt: float
+    per_query_bt: float
+
+
 class OnlineBradleyTerry:
     """Global and per-user Bradley–Terry models updated after every comparison.
 
@@ -95,31 +107,51 @@ class OnlineBradleyTerry:
         prior_strength: Virtual games per model for the global fit.
         user_prior_strength: Virtual games per model pulling a user's strengths towards the
             global ones (the shrinkage of ``per_user_bt``).
+        query_prior_strength: Virtual games per model pulling a query's strengths towards the
+            global ones (``per_query_bt``; the service's ``query_evidence.prior_strength``).
     """
 
-    def __init__(self, prior_strength: float = 1.0, user_prior_strength: float = 5.0) -> None:
+    def __init__(
+        self,
+        prior_strength: float = 1.0,
+        user_prior_strength: float = 5.0,
+        query_prior_strength: float = QueryEvidenceSettings().prior_strength,
+    ) -> None:
         self.prior_strength = prior_strength
         self.user_prior_strength = user_prior_strength
+        self.query_prior_strength = query_prior_strength
         self.games: list[tuple[str, str, float]] = []
         self.user_games: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
+        self.query_games: dict[str, list[tuple[str, str, float]]] = defaultdict(list)
         self.theta: dict[str, float] = {}
 
-    def predict(self, user: str, a: str, b: str) -> tuple[float, float]:
-        """Score differences ``(global θ_a − θ_b, per-user θ_a − θ_b)``."""
+    def predict(self, user: str, a: str, b: str, query: str = "") -> BaselineScores:
+        """Score differences θ_a − θ_b of the three baselines for ``user`` asking the query
+        with key ``query`` (:func:`graphstore.interactions.query_key`; "" = none)."""
         g = self.theta
         d_global = g.get(a, 0.0) - g.get(b, 0.0)
+        d_query = d_global
+        query_games = self.query_games.get(query) if query else None
+        if query_games:
+            dev = per_query_deviation(
+                query_games, g, (a, b), prior_strength=self.query_prior_strength
+            )
+            d_query = d_global + dev[a] - dev[b]
         games = self.user_games.get(user)
         if not games:
-            return d_global, d_global
+            return BaselineScores(d_global, d_global, d_query)
         u = fit_bradley_terry(
             games, prior_strength=self.user_prior_strength, prior=g, models=(a, b), max_iter=100
         )
-        return d_global, u.get(a, 0.0) - u.get(b, 0.0)
+        return BaselineScores(d_global, u.get(a, 0.0) - u.get(b, 0.0), d_query)
 
-    def update(self, user: str, a: str, b: str, outcome: str, *, refit: bool = True) -> None:
+    def update(
+        self, user: str, a: str, b: str, outcome: str, *, query: str = "", refit: bool = True
+    ) -> None:
         """Learn from one comparison (``outcome`` ∈ {"a", "b", "tie"}).
 
         Args:
+            query: The query's key ("" = none).
             refit: Refit the global strengths now (False when loading many at once).
         """
         if outcome == "a":
@@ -130,6 +162,8 @@ class OnlineBradleyTerry:
             wins = [(a, b, 0.5), (b, a, 0.5)]
         self.games += wins
         self.user_games[user] += wins
+        if query:
+            self.query_games[query] += wins
         if refit:
             self.refit()
 
@@ -228,14 +262,16 @@ async def replay(
     order = replay_order(records, seed)
     if limit is not None:
         order = order[:limit]
-    tallies = {name: ReplayTally() for name in ("gmtrouter", "global_bt", "per_user_bt")}
+    tallies = {name: ReplayTally() for name in ("gmtrouter", *BaselineScores._fields)}
     bt = OnlineBradleyTerry()
     seen: dict[str, int] = defaultdict(int)
     history: dict[tuple[str, str], list[str]] = defaultdict(list)
     methods: dict[str, int] = defaultdict(int)
     versions: set[str] = set()
     for r in warm:
-        bt.update(r.user_id, r.model_a, r.model_b, r.outcome, refit=False)
+        bt.update(
+            r.user_id, r.model_a, r.model_b, r.outcome, query=query_key(r.query_text), refit=False
+        )
     bt.refit()
     start = time.perf_counter()
     async with grpc.aio.insecure_channel(target) as channel:
@@ -276,16 +312,16 @@ async def replay(
                 sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, bucket
             )
             t1 = time.perf_counter()
-            d_global, d_user = bt.predict(r.user_id, r.model_a, r.model_b)
+            qkey = query_key(r.query_text)
+            baselines = bt.predict(r.user_id, r.model_a, r.model_b, qkey)
             spent = (time.perf_counter() - t1) * 1e3
-            tallies["global_bt"].latencies_ms.append(spent)
-            tallies["per_user_bt"].latencies_ms.append(spent)
-            tallies["global_bt"].add(d_global, r.outcome, bucket)
-            tallies["per_user_bt"].add(d_user, r.outcome, bucket)
+            for name, diff in baselines._asdict().items():
+                tallies[name].latencies_ms.append(spent)
+                tallies[name].add(diff, r.outcome, bucket)
             await stub.RecordResponse(
                 _record_request(dataset, r, emb, sel.interaction_id), timeout=deadline_s
             )
-            bt.update(r.user_id, r.model_a, r.model_b, r.outcome)
+            bt.update(r.user_id, r.model_a, r.model_b, r.outcome, query=qkey)
             seen[r.user_id] += 1
             history[key].append(r.query_text)
     return {

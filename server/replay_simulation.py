@@ -5,7 +5,9 @@ split_seed)``), then walks the held-out users' comparisons in the replay's order
 (:func:`server.replay.replay_order`, shuffle seed 0 as the replay's default) and scores
 each non-tied one with :func:`model.training.score_pairs`, giving the network the same
 user's earlier comparisons of the stream as history (the newest ``history_cap``, like the
-sampler's ``fan_out[0]`` = 256 turns = 128 comparisons). No server, no store, no gRPC: a
+sampler's ``fan_out[0]`` = 256 turns = 128 comparisons), plus the service's per-query
+evidence (``server/query_evidence.py``) from every earlier comparison of the same query,
+the kept users' included (the replay records those first). No server, no store, no gRPC: a
 run takes minutes instead of a full replay, and on LLMFAO and MT-Bench it reproduced the
 live replay's ``gmtrouter`` accuracy to four decimals. It does not replace the replay
 (README numbers come from the replay); it is how training settings were compared over
@@ -29,12 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from graphstore.interactions import query_key
 from model.data import Encoder, prepare
 from model.datasets import DATASETS, PreferenceRecord, load_dataset
 from model.datasets.splits import holdout_users
 from model.text_encoder import TextEncoder
 from model.training import TrainConfig, score_pairs, train_prepared
-from server.replay import ReplayTally, curve_bucket, replay_order
+from server.config import QueryEvidenceSettings
+from server.replay import OnlineBradleyTerry, ReplayTally, curve_bucket, replay_order
 
 
 def simulate_replay(
@@ -46,6 +50,7 @@ def simulate_replay(
     split_seed: int = 0,
     holdout_fraction: float = 0.5,
     history_cap: int = 128,
+    query_evidence: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train on the kept users, replay the held-out ones offline.
@@ -57,11 +62,15 @@ def simulate_replay(
         seed: Training seed.
         split_seed, holdout_fraction: The user split (as ``gmtrouter replay``).
         history_cap: Most recent earlier comparisons of the user given as history.
+        query_evidence: Add the service's per-query evidence (``server/query_evidence.py``,
+            default settings but without its ``max_comparisons`` cap) to the network's score,
+            as the service does; False = the network alone.
         progress: Progress bars for training and for the replayed stream (stderr).
 
     Returns:
         ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs`` and
-        ``curve`` as in the replay's JSON (:class:`server.replay.ReplayTally`), ``best_step``,
+        ``curve`` as in the replay's JSON (:class:`server.replay.ReplayTally`),
+        ``network_only_accuracy`` (the same without the per-query evidence), ``best_step``,
         ``train_s`` (seconds).
 
     Raises:
@@ -84,8 +93,19 @@ def simulate_replay(
     prep = prepare(records, encoder)
     stream_records = replay_order([r for r in records if r.user_id in held], 0)
     stream = [position[id(r)] for r in stream_records]
+    # The service's per-query evidence (server/query_evidence.py, default settings) on the
+    # same stream: warm-started with the kept users' comparisons (the replay records them
+    # first), learning after each scored comparison.
+    bt = OnlineBradleyTerry()
+    for r in train_recs:
+        bt.update(
+            r.user_id, r.model_a, r.model_b, r.outcome, query=query_key(r.query_text), refit=False
+        )
+    bt.refit()
+    weight = QueryEvidenceSettings().weight
     seen: dict[int, list[int]] = {}
     tally = ReplayTally()
+    network_only = ReplayTally()
     pairs = tqdm(
         zip(stream, stream_records, strict=True),
         total=len(stream),
@@ -95,14 +115,21 @@ def simulate_replay(
     for i, record in pairs:
         user = int(prep.user[i])
         earlier = seen.setdefault(user, [])
+        qkey = query_key(record.query_text)
         if record.outcome != "tie":
             history = np.array(earlier[-history_cap:] if history_cap else [], dtype=np.int64)
             diff = score_pairs(res.network, prep, np.array([i], dtype=np.int64), {user: history})
-            tally.add(float(diff[0]), record.outcome, curve_bucket(len(earlier)))
+            base = bt.predict(record.user_id, record.model_a, record.model_b, qkey)
+            evidence = weight * (base.per_query_bt - base.global_bt) if query_evidence else 0.0
+            bucket = curve_bucket(len(earlier))
+            tally.add(float(diff[0]) + evidence, record.outcome, bucket)
+            network_only.add(float(diff[0]), record.outcome, bucket)
+        bt.update(record.user_id, record.model_a, record.model_b, record.outcome, query=qkey)
         earlier.append(i)
     summary = tally.summary()
     return {
         "online_accuracy": summary["online_accuracy"],
+        "network_only_accuracy": network_only.summary()["online_accuracy"],
         "n_pairs": summary["n_pairs"],
         "curve": summary["curve"],
         "best_step": res.metrics["best_step"],
@@ -119,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--ema-decay", type=float, default=TrainConfig().ema_decay)
     ap.add_argument("--history-cap", type=int, default=128)
+    ap.add_argument("--no-query-evidence", action="store_true", help="score with the network alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = simulate_replay(
@@ -128,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         split_seed=args.split_seed,
         history_cap=args.history_cap,
+        query_evidence=not args.no_query_evidence,
         progress=True,
     )
     print(json.dumps({"dataset": args.dataset, "seed": args.seed, **out}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -20,7 +21,12 @@ import numpy.typing as npt
 import structlog
 
 from graphstore.errors import CommitOutcomeUnknownError, StoreUnavailableError
-from graphstore.interactions import Interaction, new_interaction_id, normalise_rating
+from graphstore.interactions import (
+    Interaction,
+    new_interaction_id,
+    normalise_rating,
+    query_key,
+)
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
 from server.config import Settings
@@ -33,7 +39,8 @@ from server.domain import (
     SelectQuery,
 )
 from server.errors import InvalidRequestError
-from server.scoring import Scorer
+from server.query_evidence import QueryEvidenceSource
+from server.scoring import Scorer, Scores
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +59,8 @@ class RoutingService:
         scorer: The scorer (network or Bradley–Terry prior).
         encoder: Query text encoder (lazy; loaded on first text query or by :meth:`warm_up`).
         executor: Thread pool for torch work.
+        evidence: Per-query evidence added to the scores (``server/query_evidence.py``);
+            None = none.
     """
 
     def __init__(
@@ -61,10 +70,12 @@ class RoutingService:
         scorer: Scorer,
         encoder: TextEncoder,
         executor: concurrent.futures.Executor,
+        evidence: QueryEvidenceSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.scorer = scorer
+        self.evidence = evidence
         self.encoder = encoder
         self.executor = executor
         self._subscribers: dict[str, set[asyncio.Event]] = {}
@@ -122,6 +133,27 @@ class RoutingService:
 
     # -- Select ------------------------------------------------------------------------------
 
+    async def _score(
+        self,
+        user_id: str,
+        emb: npt.NDArray[np.float32],
+        names: list[str],
+        key: str,
+    ) -> Scores:
+        """The scorer's scores plus the per-query evidence (read concurrently)."""
+        if self.evidence is None or not key:
+            return await self.scorer.score(user_id, emb, names)
+        scored, ev = await asyncio.gather(
+            self.scorer.score(user_id, emb, names), self.evidence.evidence(key, names)
+        )
+        if ev is None:
+            return scored
+        return dataclasses.replace(
+            scored,
+            scores={m: v + ev.deviation[m] for m, v in scored.scores.items()},
+            reasoning=f"{scored.reasoning}; {ev.describe()}",
+        )
+
     async def select(self, req: SelectQuery) -> Selection:
         """Score every candidate for this user and query; return the best.
 
@@ -135,7 +167,7 @@ class RoutingService:
         self._check_query(req.query, req.query_embedding)
         emb = await self._embed(req.query, req.query_embedding)
         names = list(dict.fromkeys(c.model for c in req.candidates))
-        scored = await self.scorer.score(req.user_id, emb, names)
+        scored = await self._score(req.user_id, emb, names, query_key(req.query))
         best = max(names, key=lambda m: (scored.scores[m], -names.index(m)))
         ordered = sorted(scored.scores.values(), reverse=True)
         margin = ordered[0] - ordered[1] if len(ordered) > 1 else math.inf
@@ -240,6 +272,7 @@ class RoutingService:
             session_id=rec.session_id,
             turn_index=rec.turn_index,
             query=stored(rec.query),
+            query_key=query_key(rec.query),
             query_embedding=emb,
             model=rec.model,
             response=stored(rec.response),
@@ -261,6 +294,8 @@ class RoutingService:
             ) from exc
         if not result.duplicate:
             self.scorer.invalidate(rec.user_id)
+            if self.evidence is not None and c is not None:
+                self.evidence.invalidate(interaction.query_key)
             self._notify(rec.user_id)
         return Recorded(result.interaction_id, result.duplicate)
 
@@ -285,6 +320,8 @@ class RoutingService:
         self._check_user(user_id)
         deleted = await self.store.delete_user(user_id)
         self.scorer.invalidate(user_id)
+        if self.evidence is not None:
+            self.evidence.clear()
         self._notify(user_id)
         log.info("user deleted", user_id=user_id, deleted_interactions=deleted)
         return deleted

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from graphstore.interactions import Comparison, Interaction
+from graphstore.interactions import Comparison, Interaction, PairCount, query_key
 from graphstore.sqlite_store import SQLiteGraphStore
 
 DIM = 8
@@ -75,6 +77,29 @@ async def test_writes_survive_close_and_reopen(tmp_path: Path) -> None:
         assert before["counts"]["interaction"] == 40
         [dup] = await reopened.record([make(5)])
         assert dup.duplicate and dup.interaction_id == "i0005"
+    finally:
+        await reopened.close()
+
+
+async def test_a_file_without_query_keys_is_migrated(tmp_path: Path) -> None:
+    """A database written before ``interactions.query_key`` existed opens, keeps its rows
+    (they count as no per-query evidence) and stores keys from then on."""
+    path = tmp_path / "old.db"
+    store = SQLiteGraphStore(path, embedding_dim=DIM)
+    await store.open()
+    await store.record([make(1), make(3)])
+    await store.close()
+    with sqlite3.connect(path) as conn:  # back to the old schema
+        conn.execute("DROP INDEX interactions_by_query_key")
+        conn.execute("ALTER TABLE interactions DROP COLUMN query_key")
+    reopened = SQLiteGraphStore(path, embedding_dim=DIM)
+    await reopened.open()
+    try:
+        assert (await reopened.counts())["interaction"] == 2
+        key = query_key("query 5")
+        await reopened.record([dataclasses.replace(make(5), query_key=key)])
+        assert await reopened.query_pair_counts(key, 10) == [PairCount("m-a", "m-b", 1.0, 0.0)]
+        assert await reopened.query_pair_counts(query_key("query 1"), 10) == []
     finally:
         await reopened.close()
 

@@ -21,7 +21,7 @@ from neo4j import GraphDatabase
 
 from graphstore.errors import InvalidInteractionError, StoreUnavailableError
 from graphstore.factory import Neo4jCredentials
-from graphstore.interactions import Comparison, Interaction, PairCount
+from graphstore.interactions import Comparison, Interaction, PairCount, query_key
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.neo4j_store import Neo4jGraphStore, rust_codec_active
 from graphstore.sqlite_store import SQLiteGraphStore
@@ -242,6 +242,46 @@ async def test_pair_counts_aggregate_with_ties_as_half(store: GraphStore) -> Non
     assert await store.pair_counts() == [
         PairCount("m-a", "m-b", 1.5, 2.5),
         PairCount("m-a", "m-c", 0.5, 1.5),
+    ]
+
+
+async def test_query_pair_counts_across_users_newest_first(store: GraphStore) -> None:
+    q1, q2 = query_key("What is 2+2?"), query_key("Write a poem")
+    assert q1 == query_key("  What is\n2+2? ") and q1 != q2 and q1.startswith("sha256:")
+    assert query_key(" \t") == ""
+
+    def on(n: int, key: str, user: str, winner: str, loser: str, tie: bool = False) -> Interaction:
+        it = make(n, user=user, session=f"s{n}", comparison=Comparison(winner, loser, tie))
+        return dataclasses.replace(it, query_key=key)
+
+    await store.record(
+        [
+            on(1, q1, "u1", "m-b", "m-a"),
+            on(2, q1, "u2", "m-b", "m-a"),
+            on(3, q1, "u3", "m-a", "m-c", tie=True),
+            on(4, q2, "u1", "m-a", "m-b"),
+            make(5, comparison=Comparison("m-b", "m-a")),  # no key: never evidence
+            dataclasses.replace(make(6), query_key=q1),  # no comparison: not counted
+        ]
+    )
+    assert await store.query_pair_counts(q1, 10) == [
+        PairCount("m-a", "m-b", 0.0, 2.0),
+        PairCount("m-a", "m-c", 0.5, 0.5),
+    ]
+    assert await store.query_pair_counts(q2, 10) == [PairCount("m-a", "m-b", 1.0, 0.0)]
+    # the newest two comparisons of q1 (timestamps 3 and 2)
+    assert await store.query_pair_counts(q1, 2) == [
+        PairCount("m-a", "m-b", 0.0, 1.0),
+        PairCount("m-a", "m-c", 0.5, 0.5),
+    ]
+    assert await store.query_pair_counts("", 10) == []
+    assert await store.query_pair_counts(query_key("never asked"), 10) == []
+    with pytest.raises(ValueError, match="limit"):
+        await store.query_pair_counts(q1, 0)
+    await store.delete_user("u2")
+    assert await store.query_pair_counts(q1, 10) == [
+        PairCount("m-a", "m-b", 0.0, 1.0),
+        PairCount("m-a", "m-c", 0.5, 0.5),
     ]
 
 
@@ -521,7 +561,13 @@ async def test_neo4j_schema_and_graph_shape(clean_neo4j: Neo4jTarget) -> None:
             "pair_count_models",
         } <= names
         indexes = {r["name"] for r in driver.execute_query("SHOW INDEXES", database_=db).records}
-        assert {"turn_ts", "turn_user_ts", "turn_llm_ts", "turn_user_session"} <= indexes
+        assert {
+            "turn_ts",
+            "turn_user_ts",
+            "turn_llm_ts",
+            "turn_user_session",
+            "query_key_ts",
+        } <= indexes
 
         def one(query: str) -> object:
             return driver.execute_query(query, database_=db).records[0][0]

@@ -43,9 +43,13 @@ async def running(
     *,
     store: GraphStore | None = None,
     environ: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[RouterServer]:
-    """A started server on a free port with ``server`` settings (metrics off by default)."""
-    settings = parse_settings({"server": {"port": 0, "metrics_port": 0, **dict(server or {})}})
+    """A started server on a free port with ``server`` settings (metrics off by default) and
+    the other top-level sections of ``config``."""
+    settings = parse_settings(
+        {**dict(config or {}), "server": {"port": 0, "metrics_port": 0, **dict(server or {})}}
+    )
     app = RouterServer(
         settings,
         store=store or SQLiteGraphStore(":memory:", embedding_dim=DIM),

@@ -24,3 +24,8 @@ def test_simulation_scores_the_held_out_non_tied_pairs_with_their_history() -> N
     assert with_history["curve"][0]["accuracy"] is not None  # every user's first comparison
     # The planted preferences are per user: history is what makes them predictable.
     assert with_history["online_accuracy"] > without["online_accuracy"] + 0.1
+    assert with_history["network_only_accuracy"] > without["network_only_accuracy"] + 0.1
+    # Without the per-query evidence the score is the network's alone.
+    alone = simulate_replay(records, HashEncoder(dim=16), cfg, seed=0, query_evidence=False)
+    assert alone["online_accuracy"] == alone["network_only_accuracy"]
+    assert alone["network_only_accuracy"] == with_history["network_only_accuracy"]
