@@ -9,6 +9,7 @@ appears as soon as it is recorded through this replica, is off with
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,9 +26,7 @@ QUESTION = "Explain quicksort to a five-year-old."
 CANDIDATES = [pb.CandidateModel(model="a"), pb.CandidateModel(model="b")]
 
 
-async def _compare(
-    stub: pb_grpc.RouterServiceStub, user: str, query: str, winner: str, loser: str, n: int
-) -> None:
+async def _compare(stub: Any, user: str, query: str, winner: str, loser: str, n: int) -> None:
     resp = await stub.RecordResponse(
         pb.RecordResponseRequest(
             user_id=user,
@@ -40,7 +39,7 @@ async def _compare(
     assert not resp.duplicate
 
 
-async def _select(stub: pb_grpc.RouterServiceStub, query: str) -> pb.SelectResponse:
+async def _select(stub: Any, query: str) -> pb.SelectResponse:
     resp: pb.SelectResponse = await stub.Select(
         pb.SelectRequest(
             user_id="newcomer",
@@ -52,12 +51,12 @@ async def _select(stub: pb_grpc.RouterServiceStub, query: str) -> pb.SelectRespo
     return resp
 
 
-async def _teach_global(stub: pb_grpc.RouterServiceStub) -> None:
+async def _teach_global(stub: Any) -> None:
     for i in range(12):
         await _compare(stub, f"g{i % 4}", f"general question {i}", "a", "b", i)
 
 
-async def _teach_question(stub: pb_grpc.RouterServiceStub) -> None:
+async def _teach_question(stub: Any) -> None:
     for i in range(8):
         await _compare(stub, f"q{i}", QUESTION, "b", "a", 100 + i)
 
