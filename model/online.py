@@ -261,6 +261,7 @@ def fine_tune(
         return FineTuneResult(res.network, True, reason, metrics)
     reason = (
         f"held-back log-loss {base_loss:.4f} -> {new_loss:.4f} does not improve by more "
-        f"than {config.min_improvement}"
+        f"than {config.min_improvement} (after {res.metrics['steps_run']} of {config.steps} "
+        f"steps, {metrics['train_time_s']:.1f} s)"
     )
     return FineTuneResult(network, False, reason, metrics)

@@ -3,7 +3,7 @@
 The ``decision`` and ``models`` sections use exactly the seed's keys
 (``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
 ``store``, ``sampler``, ``embedding``, ``logging``, ``limits``, ``streaming``, ``prior``,
-``query_evidence``, ``learning`` and ``privacy`` are ours.
+``scoring``, ``query_evidence``, ``learning`` and ``privacy`` are ours.
 Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
 override ``store.neo4j.*``; bearer tokens come from ``server.auth.tokens_file`` or env
 ``GMTROUTER_AUTH_TOKENS`` (``server/security.py``), never from this file.
@@ -271,6 +271,21 @@ class PriorSettings(_Section):
     )
 
 
+class ScoringSettings(_Section):
+    """``scoring`` — how the network's output becomes a candidate's score
+    (``server/personalization.py``)."""
+
+    combine: Literal["residual", "network"] = Field(
+        "residual",
+        description="residual = Bradley-Terry prior + residual_weight x (the network's score "
+        "for this user - its score for a user without history): the network supplies only "
+        "the personalization; network = the network's logits as they are (the paper's).",
+    )
+    residual_weight: float = Field(
+        0.5, ge=0, le=100, description="Multiplier of the network's personalization residual."
+    )
+
+
 class QueryEvidenceSettings(_Section):
     """``query_evidence`` — every user's outcomes on the same query (server/query_evidence.py)."""
 
@@ -375,6 +390,7 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     streaming: StreamingSettings = StreamingSettings()
     prior: PriorSettings = PriorSettings()
+    scoring: ScoringSettings = ScoringSettings()
     query_evidence: QueryEvidenceSettings = QueryEvidenceSettings()
     learning: LearningSettings = LearningSettings()
     privacy: PrivacySettings = PrivacySettings()

@@ -10,9 +10,22 @@ Torch never runs on the event loop: the head runs in the executor through a micr
 (:class:`HeadBatcher`): requests that arrive while a forward pass is running are scored
 together in the next one, so under concurrency one pass serves many requests, and a lone
 request waits for nobody.
-A user with fewer than ``sampler.min_history`` turns is the cold-start case: the network runs
-on a graph without that user's history (method ``gmtrouter_cold_start``), which is the
-network's non-personalized, query-aware score.
+How the network's output becomes the score (``scoring.combine``):
+
+* ``residual`` (default): ``θ[m] + w · (s(u, q, m) − s(∅, q, m))`` — the Bradley–Terry prior
+  over every user's comparisons (``server/scoring.py``) plus ``w`` =
+  ``scoring.residual_weight`` (0.5) times the network's *personalization*: its score for this
+  user minus its score for a user without history (the cold state, encoded once per served
+  model), both from one head pass. The network then decides only how this user differs from
+  everyone; the population part is the store-wide model, to which Select adds the per-query
+  evidence (``server/query_evidence.py``). Not in the paper: on the replays of real users it
+  beat the network's own logits on both data sets (README → Results).
+* ``network``: the network's logits as they are (the paper's).
+
+A user with fewer than ``sampler.min_history`` turns is the cold-start case (method
+``gmtrouter_cold_start``): ``residual`` gives the prior's score (the residual is 0);
+``network`` runs the network on a graph without that user's history, its non-personalized,
+query-aware score.
 
 Weights can be swapped while serving (:meth:`NetworkScorer.swap`, driven by online learning in
 ``server/learning.py``): the scorer holds one immutable :class:`ServedModel` reference and
@@ -229,6 +242,8 @@ class NetworkScorer:
         # ``sampler.version_max_age_ms`` (LRU, at most ``cache_size`` users).
         self._versions: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
         self._encodes: dict[tuple[str, int, str], asyncio.Future[_UserState]] = {}
+        #: The state of a user without history, for the personalization residual.
+        self._cold: _UserState | None = None
 
     @property
     def model_version(self) -> str:
@@ -475,28 +490,73 @@ class NetworkScorer:
     ) -> Scores:
         """Network logits per candidate; see the module docstring for caching and cold start."""
         state = await self._state(user_id, candidates)
-        q = state.typical_query if query_embedding is None else query_embedding
-        logits = await self.head.score(
-            state.model.network,
-            state.user_h,
-            np.ascontiguousarray(q, dtype=np.float32),
-            state.candidates_h(candidates),
+        q = np.ascontiguousarray(
+            state.typical_query if query_embedding is None else query_embedding, dtype=np.float32
         )
-        scores = {m: float(v) for m, v in zip(candidates, logits, strict=True)}
+        network = state.model.network
+        cfg = self.settings.scoring
         min_history = max(self.settings.sampler.min_history, 1)
-        if state.history_turns >= min_history:
+        personalized = state.history_turns >= min_history
+        if cfg.combine == "network":
+            logits = await self.head.score(network, state.user_h, q, state.candidates_h(candidates))
+            scores = {m: float(v) for m, v in zip(candidates, logits, strict=True)}
+            base = what = "GMTRouter network score"
+        else:
+            cold = await self._cold_state(state.model, candidates)
+            theta = await self.prior.strengths()
+            if personalized:
+                # one head pass for both rows (the batcher groups concurrent requests)
+                logits, cold_logits = await asyncio.gather(
+                    self.head.score(network, state.user_h, q, state.candidates_h(candidates)),
+                    self.head.score(network, cold.user_h, q, cold.candidates_h(candidates)),
+                )
+                residual = [a - b for a, b in zip(logits, cold_logits, strict=True)]
+            else:
+                residual = [0.0] * len(candidates)
+            w = cfg.residual_weight
+            base = "Bradley-Terry prior"
+            scores = {
+                m: float(theta.get(m, 0.0)) + w * r
+                for m, r in zip(candidates, residual, strict=True)
+            }
+            what = (
+                f"Bradley-Terry prior + {w:g} x the GMTRouter network's personalization "
+                f"(its score for this user minus its score without history)"
+            )
+        if personalized:
             method = METHOD
             reasoning = (
-                f"personalized GMTRouter network over the user's {state.history_turns} most "
-                f"recent turns ({self.settings.sampler.hops}-hop neighbourhood)"
+                f"personalized: {what}, over the user's {state.history_turns} most recent "
+                f"turns ({self.settings.sampler.hops}-hop neighbourhood)"
             )
         else:
             method = METHOD_COLD_START
             reasoning = (
                 f"cold start: the user has {state.history_turns} recorded turns (personalization "
-                f"starts at {min_history}); non-personalized GMTRouter score for this query"
+                f"starts at {min_history}); non-personalized {base} for this query"
             )
         return Scores(scores, method, reasoning, state.model.version, state.history_turns)
+
+    async def _cold_state(self, served: ServedModel, candidates: Sequence[str]) -> _UserState:
+        """The network's state of a user without history (one per served model; it covers
+        every model asked for so far)."""
+        cold = self._cold
+        if cold is not None and cold.model is served and all(m in cold.llm_h for m in candidates):
+            return cold
+        known = list(cold.llm_h) if cold is not None and cold.model is served else []
+        names = list(dict.fromkeys([*known, *candidates]))
+        nb = Neighbourhood.empty("__cold_start__", self.settings.embedding.dim)
+        llm_x = await self.llm_features(names)
+        loop = asyncio.get_running_loop()
+        user_h, llm_h = await loop.run_in_executor(
+            self.executor, self._encode_sync, served, nb, names, llm_x, False
+        )
+        state = _UserState(
+            served, 0, 0, user_h, llm_h, np.zeros(self.settings.embedding.dim, dtype=np.float32)
+        )
+        if served is self._served:
+            self._cold = state
+        return state
 
     def invalidate(self, user_id: str) -> None:
         """Drop the user's cached embeddings (their graph changed)."""

@@ -5,9 +5,11 @@ split_seed)``), then walks the held-out users' comparisons in the replay's order
 (:func:`server.replay.replay_order`, shuffle seed 0 as the replay's default) and scores
 each non-tied one with :func:`model.training.score_pairs`, giving the network the same
 user's earlier comparisons of the stream as history (the newest ``history_cap``, like the
-sampler's ``fan_out[0]`` = 256 turns = 128 comparisons), plus the service's per-query
-evidence (``server/query_evidence.py``) from every earlier comparison of the same query,
-the kept users' included (the replay records those first). No server, no store, no gRPC: a
+sampler's ``fan_out[0]`` = 256 turns = 128 comparisons), and combines it as the service
+does (``scoring``: by default the Bradley–Terry prior plus half the network's
+personalization residual, ``server/personalization.py``) with the per-query evidence
+(``server/query_evidence.py``) from every earlier comparison, the kept users' included (the
+replay records those first). No server, no store, no gRPC: a
 run takes minutes instead of a full replay, and on LLMFAO and MT-Bench it reproduced the
 live replay's ``gmtrouter`` accuracy to four decimals. It does not replace the replay
 (README numbers come from the replay); it is how training settings were compared over
@@ -37,7 +39,7 @@ from model.datasets import DATASETS, PreferenceRecord, load_dataset
 from model.datasets.splits import holdout_users
 from model.text_encoder import TextEncoder
 from model.training import TrainConfig, score_pairs, train_prepared
-from server.config import QueryEvidenceSettings
+from server.config import QueryEvidenceSettings, ScoringSettings
 from server.replay import OnlineBradleyTerry, ReplayTally, curve_bucket, replay_order
 
 
@@ -51,6 +53,7 @@ def simulate_replay(
     holdout_fraction: float = 0.5,
     history_cap: int = 128,
     query_evidence: bool = True,
+    scoring: ScoringSettings | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train on the kept users, replay the held-out ones offline.
@@ -64,13 +67,17 @@ def simulate_replay(
         history_cap: Most recent earlier comparisons of the user given as history.
         query_evidence: Add the service's per-query evidence (``server/query_evidence.py``,
             default settings but without its ``max_comparisons`` cap) to the network's score,
-            as the service does; False = the network alone.
+            as the service does; False = none.
+        scoring: How the network's output becomes the score, as the service's ``scoring``
+            section (None = its defaults: the prior plus 0.5 × the network's personalization
+            residual, ``server/personalization.py``).
         progress: Progress bars for training and for the replayed stream (stderr).
 
     Returns:
         ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs`` and
         ``curve`` as in the replay's JSON (:class:`server.replay.ReplayTally`),
-        ``network_only_accuracy`` (the same without the per-query evidence), ``best_step``,
+        ``network_only_accuracy`` (the network's logits alone: ``scoring.combine`` network
+        and no per-query evidence), ``best_step``,
         ``train_s`` (seconds).
 
     Raises:
@@ -103,6 +110,7 @@ def simulate_replay(
         )
     bt.refit()
     weight = QueryEvidenceSettings().weight
+    scoring = scoring or ScoringSettings()
     seen: dict[int, list[int]] = {}
     tally = ReplayTally()
     network_only = ReplayTally()
@@ -118,12 +126,20 @@ def simulate_replay(
         qkey = query_key(record.query_text)
         if record.outcome != "tie":
             history = np.array(earlier[-history_cap:] if history_cap else [], dtype=np.int64)
-            diff = score_pairs(res.network, prep, np.array([i], dtype=np.int64), {user: history})
+            target = np.array([i], dtype=np.int64)
+            diff = float(score_pairs(res.network, prep, target, {user: history})[0])
             base = bt.predict(record.user_id, record.model_a, record.model_b, qkey)
             evidence = weight * (base.per_query_bt - base.global_bt) if query_evidence else 0.0
+            if scoring.combine == "network":
+                score = diff
+            elif earlier:  # personalized from the first recorded turn (min_history 1)
+                cold = float(score_pairs(res.network, prep, target, {})[0])
+                score = base.global_bt + scoring.residual_weight * (diff - cold)
+            else:
+                score = base.global_bt
             bucket = curve_bucket(len(earlier))
-            tally.add(float(diff[0]) + evidence, record.outcome, bucket)
-            network_only.add(float(diff[0]), record.outcome, bucket)
+            tally.add(score + evidence, record.outcome, bucket)
+            network_only.add(diff, record.outcome, bucket)
         bt.update(record.user_id, record.model_a, record.model_b, record.outcome, query=qkey)
         earlier.append(i)
     summary = tally.summary()
@@ -146,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--ema-decay", type=float, default=TrainConfig().ema_decay)
     ap.add_argument("--history-cap", type=int, default=128)
-    ap.add_argument("--no-query-evidence", action="store_true", help="score with the network alone")
+    ap.add_argument("--no-query-evidence", action="store_true", help="no per-query evidence")
+    ap.add_argument("--combine", choices=("residual", "network"), default="residual")
+    ap.add_argument("--residual-weight", type=float, default=ScoringSettings().residual_weight)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = simulate_replay(
@@ -157,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split_seed=args.split_seed,
         history_cap=args.history_cap,
         query_evidence=not args.no_query_evidence,
+        scoring=ScoringSettings(combine=args.combine, residual_weight=args.residual_weight),
         progress=True,
     )
     print(json.dumps({"dataset": args.dataset, "seed": args.seed, **out}))

@@ -138,3 +138,36 @@ def test_missing_checkpoint_fails_at_start(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "/nonexistent.pt does not exist" in proc.stderr
+
+
+def test_residual_score_is_prior_plus_half_the_networks_personalization(
+    served: ServerProcess, checkpoint: Path, tmp_path: Path
+) -> None:
+    """``scoring.combine: residual`` (the default) against the network's own logits
+    (``network``), read by a second server on the same graph: θ[m] + 0.5 · (s(u) − s(∅))."""
+    with grpc.insecure_channel(served.address) as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        _teach(stub, "residual-user", 0)
+        query = "math: question 11"  # never recorded: no per-query evidence
+        mixed = _select(stub, "residual-user", query)
+        prior = _select(stub, "residual-cold", query)
+    assert mixed.method == "gmtrouter" and prior.method == "gmtrouter_cold_start"
+    config = {
+        "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
+        "scoring": {"combine": "network"},
+    }
+    raw = ServerProcess(tmp_path, served.store, config).start()
+    try:
+        with grpc.insecure_channel(raw.address) as ch:
+            stub = router_pb2_grpc.RouterServiceStub(ch)
+            net_user = _select(stub, "residual-user", query)
+            net_cold = _select(stub, "residual-cold", query)
+    finally:
+        raw.stop()
+    assert "minus its score without history" in mixed.reasoning
+    assert "Bradley-Terry prior" in prior.reasoning
+    for m in ("A", "B", "C"):
+        want = prior.all_scores[m] + 0.5 * (net_user.all_scores[m] - net_cold.all_scores[m])
+        assert mixed.all_scores[m] == pytest.approx(want, abs=1e-4)
+    # the personalization is real: the network scores this user differently from no one
+    assert max(abs(net_user.all_scores[m] - net_cold.all_scores[m]) for m in "ABC") > 0.1
