@@ -45,7 +45,7 @@ from graphstore.interactions import PairCount
 from graphstore.store import GraphStore
 from model.bradley_terry import per_query_deviation
 from server.config import QueryEvidenceSettings
-from server.scoring import PriorScorer
+from server.scoring import PriorScorer, pair_count_wins
 
 log = structlog.get_logger(__name__)
 
@@ -79,12 +79,6 @@ class QueryEvidence:
             f"per-query evidence from {self.comparisons:g} recorded comparisons of this query "
             f"(all users) shifts the scores by {shifts}"
         )
-
-
-def _wins(counts: Sequence[PairCount]) -> list[tuple[str, str, float]]:
-    return [(c.model_a, c.model_b, c.wins_a) for c in counts] + [
-        (c.model_b, c.model_a, c.wins_b) for c in counts
-    ]
 
 
 class QueryEvidenceSource:
@@ -147,7 +141,7 @@ class QueryEvidenceSource:
             return QueryEvidence(zero, 0.0, error=type(exc).__name__)
         fit = functools.partial(
             per_query_deviation,
-            _wins(counts),
+            pair_count_wins(counts),
             dict(theta),
             list(candidates),
             prior_strength=self.settings.prior_strength,

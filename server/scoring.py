@@ -19,8 +19,17 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from graphstore.interactions import PairCount
 from graphstore.store import GraphStore
 from model.bradley_terry import fit_bradley_terry
+
+
+def pair_count_wins(counts: Sequence[PairCount]) -> list[tuple[str, str, float]]:
+    """Pair counts as the ``(winner, loser, weight)`` triples :func:`fit_bradley_terry` takes
+    (a tie's halves are already in both sides' counts)."""
+    return [(c.model_a, c.model_b, c.wins_a) for c in counts] + [
+        (c.model_b, c.model_a, c.wins_b) for c in counts
+    ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,9 +125,7 @@ class PriorScorer:
                 started, generation = time.monotonic(), self._generation
                 self._fit_started = started
                 counts = await self.store.pair_counts()
-                wins = [(c.model_a, c.model_b, c.wins_a) for c in counts] + [
-                    (c.model_b, c.model_a, c.wins_b) for c in counts
-                ]
+                wins = pair_count_wins(counts)
                 if counts:
                     fit = functools.partial(
                         fit_bradley_terry, wins, prior_strength=self.prior_strength
