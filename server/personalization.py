@@ -6,10 +6,12 @@ and cover the candidates, only the prediction head runs (≈0.1 ms); otherwise t
 is sampled from the store, turned into a ``HeteroData`` and encoded by the HGT layers, and the
 result is cached (concurrent misses for one user share one encode).
 
-Torch never runs on the event loop: the head runs in the executor through a micro-batcher
-(:class:`HeadBatcher`): requests that arrive while a forward pass is running are scored
-together in the next one, so under concurrency one pass serves many requests, and a lone
-request waits for nobody.
+Neither torch nor the head runs on the event loop: the head runs in the executor through a
+micro-batcher (:class:`HeadBatcher`): requests that arrive while a forward pass is running are
+scored together in the next one, so under concurrency one pass serves many requests, and a
+lone request waits for nobody. The head's pass is :class:`model.serving_head.ServingHead`, the
+trained head's arithmetic in NumPy (for a few rows torch's per-operator dispatch cost 4× more;
+the HGT encode stays in torch).
 How the network's output becomes the score (``scoring.combine``):
 
 * ``residual`` (default): ``θ[m] + w · (s(u, q, m) − s(∅, q, m))`` — the Bradley–Terry prior
@@ -55,6 +57,7 @@ from model.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from model.data import llm_description
 from model.graph import build_hetero_graph
 from model.network import GMTRouterNetwork
+from model.serving_head import ServingHead
 from model.text_encoder import TextEncoder
 from server.config import Settings
 from server.scoring import PriorScorer, Scores
@@ -69,6 +72,11 @@ class ServedModel:
 
     checkpoint: LoadedCheckpoint
     network: GMTRouterNetwork
+    #: The network's prediction head, copied for NumPy scoring (built from ``network``).
+    head: ServingHead = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head", ServingHead(self.network.head))
 
     @property
     def version(self) -> str:
@@ -83,29 +91,31 @@ class _UserState:
     model: ServedModel
     version: int
     history_turns: int
-    user_h: torch.Tensor  # float32 [H]
-    llm_h: dict[str, torch.Tensor]  # name -> float32 [H'] (H' = config.llm_out_dim)
+    user_h: npt.NDArray[np.float32]  # float32 [H]
+    llm_h: dict[str, npt.NDArray[np.float32]]  # name -> float32 [H'] (H' = config.llm_out_dim)
     typical_query: npt.NDArray[np.float32]  # float32 [D]
     #: candidate tuple -> float32 [C, H'] stacked ``llm_h`` rows (filled on first use)
-    stacked: dict[tuple[str, ...], torch.Tensor] = dataclasses.field(default_factory=dict)
+    stacked: dict[tuple[str, ...], npt.NDArray[np.float32]] = dataclasses.field(
+        default_factory=dict
+    )
 
-    def candidates_h(self, candidates: Sequence[str]) -> torch.Tensor:
+    def candidates_h(self, candidates: Sequence[str]) -> npt.NDArray[np.float32]:
         """float32 ``[C, H']``: the cached LLM embeddings of ``candidates``, in order."""
         key = tuple(candidates)
         out = self.stacked.get(key)
         if out is None:
             if len(self.stacked) >= 64:
                 self.stacked.clear()
-            out = torch.stack([self.llm_h[m] for m in key])
+            out = np.stack([self.llm_h[m] for m in key])
             self.stacked[key] = out
         return out
 
 
 class _HeadRow(NamedTuple):
-    network: GMTRouterNetwork
-    user_h: torch.Tensor  # float32 [H]
+    head: ServingHead
+    user_h: npt.NDArray[np.float32]  # float32 [H]
     query: npt.NDArray[np.float32]  # float32 [D]
-    llm_h: torch.Tensor  # float32 [C, H'] (H' = config.llm_out_dim: H plus the readout)
+    llm_h: npt.NDArray[np.float32]  # float32 [C, H'] (H' = config.llm_out_dim: H + readout)
     future: asyncio.Future[list[float]]
 
 
@@ -116,8 +126,8 @@ class HeadBatcher:
     that arrive while it runs wait and go together into the next pass (at most
     ``max_batch_rows`` rows). Each request gets its own result, or the pass's exception.
     Rows are independent in the head (no cross-row attention; dropout is off in eval mode),
-    so batching does not change any score beyond float rounding. Each row names the network
-    whose head scores it (rows of different weights, around a swap, go in separate passes).
+    so batching does not change any score beyond float rounding. Each row names the head that
+    scores it (rows of different weights, around a swap, go in separate passes).
 
     Args:
         executor: Where the forward passes run.
@@ -141,16 +151,16 @@ class HeadBatcher:
 
     async def score(
         self,
-        network: GMTRouterNetwork,
-        user_h: torch.Tensor,
+        head: ServingHead,
+        user_h: npt.NDArray[np.float32],
         query: npt.NDArray[np.float32],
-        llm_h: torch.Tensor,
+        llm_h: npt.NDArray[np.float32],
     ) -> list[float]:
         """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H']``) for one request, by
-        ``network``'s head (``user_h`` float32 ``[H]``, ``query`` float32 ``[D]``)."""
+        ``head`` (``user_h`` float32 ``[H]``, ``query`` float32 ``[D]``)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[float]] = loop.create_future()
-        self._pending.append(_HeadRow(network, user_h, query, llm_h, fut))
+        self._pending.append(_HeadRow(head, user_h, query, llm_h, fut))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
         return await fut
@@ -174,26 +184,25 @@ class HeadBatcher:
                     row.future.set_result(res)
 
     def _forward(self, batch: list[_HeadRow]) -> list[list[float]]:
-        """One head pass per distinct (network, candidate count) — usually one; runs in the
+        """One head pass per distinct (head, candidate count) — usually one; runs in the
         executor."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(batch):
-            groups.setdefault((id(row.network), int(row.llm_h.shape[0])), []).append(i)
+            groups.setdefault((id(row.head), int(row.llm_h.shape[0])), []).append(i)
         out: list[list[float]] = [[] for _ in batch]
-        with torch.inference_mode():
-            for idx in groups.values():
-                rows = [batch[i] for i in idx]
-                logits = (
-                    rows[0]
-                    .network.score(
-                        torch.stack([r.user_h for r in rows]),
-                        torch.from_numpy(np.stack([r.query for r in rows])),
-                        torch.stack([r.llm_h for r in rows]),
-                    )
-                    .tolist()
+        for idx in groups.values():
+            rows = [batch[i] for i in idx]
+            logits = (
+                rows[0]
+                .head(
+                    np.stack([r.user_h for r in rows]),
+                    np.stack([r.query for r in rows]),
+                    np.stack([r.llm_h for r in rows]),
                 )
-                for i, values in zip(idx, logits, strict=True):
-                    out[i] = values
+                .tolist()
+            )
+            for i, values in zip(idx, logits, strict=True):
+                out[i] = values
         self.passes += 1
         self.rows += len(batch)
         return out
@@ -363,7 +372,7 @@ class NetworkScorer:
         llm_names: list[str],
         llm_x: torch.Tensor,
         personalize: bool,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
         # The network was trained on per-user components: only the seed user's own turns go
         # into the graph (other users' turns would mix their outcomes into the LLM nodes);
         # without personalization (cold start) none do.
@@ -387,7 +396,9 @@ class NetworkScorer:
         )
         with torch.inference_mode():
             user_h, llm_h = served.network.encode(data)
-        return user_h[0].clone(), {m: llm_h[i].clone() for i, m in enumerate(llm_names)}
+        user_np = user_h[0].numpy().copy()
+        llm_np = llm_h.numpy()
+        return user_np, {m: llm_np[i].copy() for i, m in enumerate(llm_names)}
 
     async def _version(self, user_id: str) -> int:
         """The user's graph version; concurrent callers for one user share one store read.
@@ -493,12 +504,12 @@ class NetworkScorer:
         q = np.ascontiguousarray(
             state.typical_query if query_embedding is None else query_embedding, dtype=np.float32
         )
-        network = state.model.network
+        head = state.model.head
         cfg = self.settings.scoring
         min_history = max(self.settings.sampler.min_history, 1)
         personalized = state.history_turns >= min_history
         if cfg.combine == "network":
-            logits = await self.head.score(network, state.user_h, q, state.candidates_h(candidates))
+            logits = await self.head.score(head, state.user_h, q, state.candidates_h(candidates))
             scores = {m: float(v) for m, v in zip(candidates, logits, strict=True)}
             base = what = "GMTRouter network score"
         else:
@@ -507,8 +518,8 @@ class NetworkScorer:
             if personalized:
                 # one head pass for both rows (the batcher groups concurrent requests)
                 logits, cold_logits = await asyncio.gather(
-                    self.head.score(network, state.user_h, q, state.candidates_h(candidates)),
-                    self.head.score(network, cold.user_h, q, cold.candidates_h(candidates)),
+                    self.head.score(head, state.user_h, q, state.candidates_h(candidates)),
+                    self.head.score(head, cold.user_h, q, cold.candidates_h(candidates)),
                 )
                 residual = [a - b for a, b in zip(logits, cold_logits, strict=True)]
             else:
@@ -576,4 +587,4 @@ class NetworkScorer:
             self.executor, self._encode_sync, served, nb, names, llm_x, True
         )
         query = np.zeros(self.settings.embedding.dim, dtype=np.float32)
-        await self.head.score(served.network, user_h, query, torch.stack([llm_h[m] for m in names]))
+        await self.head.score(served.head, user_h, query, np.stack([llm_h[m] for m in names]))
