@@ -39,7 +39,7 @@ from server.domain import (
     SelectQuery,
 )
 from server.errors import InvalidRequestError
-from server.query_evidence import QueryEvidenceSource
+from server.query_evidence import QueryEvidence, QueryEvidenceSource
 from server.scoring import Scorer, Scores
 
 log = structlog.get_logger(__name__)
@@ -138,14 +138,12 @@ class RoutingService:
         user_id: str,
         emb: npt.NDArray[np.float32],
         names: list[str],
-        key: str,
+        evidence: asyncio.Future[QueryEvidence | None] | None,
     ) -> Scores:
-        """The scorer's scores plus the per-query evidence (read concurrently)."""
-        if self.evidence is None or not key:
-            return await self.scorer.score(user_id, emb, names)
-        scored, ev = await asyncio.gather(
-            self.scorer.score(user_id, emb, names), self.evidence.evidence(key, names)
-        )
+        """The scorer's scores plus the per-query evidence (``evidence``: its read, started
+        before the query was embedded, so that it overlaps the encode and the scorer)."""
+        scored = await self.scorer.score(user_id, emb, names)
+        ev = await evidence if evidence is not None else None
         if ev is None:
             return scored
         return dataclasses.replace(
@@ -165,9 +163,22 @@ class RoutingService:
         self._check_user(req.user_id)
         self._check_candidates(req.candidates, "candidate_models")
         self._check_query(req.query, req.query_embedding)
-        emb = await self._embed(req.query, req.query_embedding)
         names = list(dict.fromkeys(c.model for c in req.candidates))
-        scored = await self._score(req.user_id, emb, names, query_key(req.query))
+        key = query_key(req.query)
+        evidence = (
+            asyncio.ensure_future(self.evidence.evidence(key, names))
+            if self.evidence is not None and key
+            else None
+        )
+        try:
+            emb = await self._embed(req.query, req.query_embedding)
+            scored = await self._score(req.user_id, emb, names, evidence)
+        finally:
+            if evidence is not None:
+                if not evidence.done():
+                    evidence.cancel()  # the Select failed before it needed the evidence
+                elif not evidence.cancelled():
+                    evidence.exception()  # retrieved: a failed Select already says why
         best = max(names, key=lambda m: (scored.scores[m], -names.index(m)))
         ordered = sorted(scored.scores.values(), reverse=True)
         margin = ordered[0] - ordered[1] if len(ordered) > 1 else math.inf
