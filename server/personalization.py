@@ -6,12 +6,12 @@ and cover the candidates, only the prediction head runs (≈0.1 ms); otherwise t
 is sampled from the store, turned into a ``HeteroData`` and encoded by the HGT layers, and the
 result is cached (concurrent misses for one user share one encode).
 
-Neither torch nor the head runs on the event loop: the head runs in the executor through a
-micro-batcher (:class:`HeadBatcher`): requests that arrive while a forward pass is running are
-scored together in the next one, so under concurrency one pass serves many requests, and a
-lone request waits for nobody. The head's pass is :class:`model.serving_head.ServingHead`, the
-trained head's arithmetic in NumPy (for a few rows torch's per-operator dispatch cost 4× more;
-the HGT encode stays in torch).
+Torch never runs on the event loop: the HGT encode (a cache miss) and text embedding run in
+the executor. The prediction head is :class:`model.serving_head.ServingHead`, the trained
+head's arithmetic in NumPy (for a few rows torch's per-operator dispatch cost 4× more), run on
+the loop through a micro-batcher (:class:`HeadBatcher`): the requests that arrived before its
+pass are scored together in one pass, so under concurrency one pass serves many requests, and
+a lone request waits for nobody.
 How the network's output becomes the score (``scoring.combine``):
 
 * ``residual`` (default): ``θ[m] + w · (s(u, q, m) − s(∅, q, m))`` — the Bradley–Terry prior
@@ -120,28 +120,26 @@ class _HeadRow(NamedTuple):
 
 
 class HeadBatcher:
-    """Scores concurrent requests with one prediction-head forward pass, in the executor.
+    """Scores concurrent requests with one prediction-head forward pass.
 
-    Adaptive batching without a timer: the first request starts a pass at once; requests
-    that arrive while it runs wait and go together into the next pass (at most
-    ``max_batch_rows`` rows). Each request gets its own result, or the pass's exception.
-    Rows are independent in the head (no cross-row attention; dropout is off in eval mode),
-    so batching does not change any score beyond float rounding. Each row names the head that
-    scores it (rows of different weights, around a swap, go in separate passes).
+    The pass is :class:`~model.serving_head.ServingHead` (NumPy, ≈ 0.15 ms for one or two
+    rows, < 1 ms for 32) and runs on the event loop, in a task started by the first pending
+    request: handing it to a thread cost more than the pass itself (an A/B on the bench
+    machine, serving the same store: sequential Select p50 3.87 → 3.54 ms, Select/s at 32
+    concurrent clients 396–495 → 530–688). Adaptive batching without a timer: every request
+    that arrived before that task runs goes into its pass (at most ``max_batch_rows`` rows).
+    Each request gets its own result, or the pass's exception. Rows are independent in the
+    head (no cross-row attention; dropout is off in eval mode), so batching does not change
+    any score beyond float rounding. Each row names the head that scores it (rows of
+    different weights, around a swap, go in separate passes).
 
     Args:
-        executor: Where the forward passes run.
-        max_batch_rows: Largest number of requests in one pass.
+        max_batch_rows: Largest number of rows in one pass.
     """
 
-    def __init__(
-        self,
-        executor: concurrent.futures.Executor,
-        max_batch_rows: int = 256,
-    ) -> None:
+    def __init__(self, max_batch_rows: int = 256) -> None:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows (got {max_batch_rows}) must be >= 1")
-        self.executor = executor
         self.max_batch_rows = max_batch_rows
         self._pending: list[_HeadRow] = []
         self._task: asyncio.Task[None] | None = None
@@ -152,26 +150,36 @@ class HeadBatcher:
     async def score(
         self,
         head: ServingHead,
-        user_h: npt.NDArray[np.float32],
         query: npt.NDArray[np.float32],
-        llm_h: npt.NDArray[np.float32],
-    ) -> list[float]:
-        """Logits of the ``C`` candidates (``llm_h`` float32 ``[C, H']``) for one request, by
-        ``head`` (``user_h`` float32 ``[H]``, ``query`` float32 ``[D]``)."""
+        rows: Sequence[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]],
+    ) -> list[list[float]]:
+        """Logits of each row's ``C`` candidates for one query, by ``head``.
+
+        Args:
+            head: The served head.
+            query: float32 ``[D]`` query embedding.
+            rows: ``(user_h, llm_h)`` pairs: float32 ``[H]`` user embedding and float32
+                ``[C, H']`` candidate LLM embeddings (e.g. the user's and the cold state's).
+
+        Returns:
+            One list of ``C`` logits per row, in order.
+        """
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[float]] = loop.create_future()
-        self._pending.append(_HeadRow(head, user_h, query, llm_h, fut))
+        futures: list[asyncio.Future[list[float]]] = []
+        for user_h, llm_h in rows:
+            fut: asyncio.Future[list[float]] = loop.create_future()
+            self._pending.append(_HeadRow(head, user_h, query, llm_h, fut))
+            futures.append(fut)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._drain())
-        return await fut
+        return list(await asyncio.gather(*futures))
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._pending:
             batch = self._pending[: self.max_batch_rows]
             del self._pending[: self.max_batch_rows]
             try:
-                results = await loop.run_in_executor(self.executor, self._forward, batch)
+                results = self._forward(batch)
             except BaseException as exc:
                 for row in batch:
                     if not row.future.done():
@@ -184,8 +192,7 @@ class HeadBatcher:
                     row.future.set_result(res)
 
     def _forward(self, batch: list[_HeadRow]) -> list[list[float]]:
-        """One head pass per distinct (head, candidate count) — usually one; runs in the
-        executor."""
+        """One head pass per distinct (head, candidate count) — usually one."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(batch):
             groups.setdefault((id(row.head), int(row.llm_h.shape[0])), []).append(i)
@@ -244,7 +251,7 @@ class NetworkScorer:
         }
         self._descriptions = {m.name: m.description for m in settings.models if m.description}
         self._cache: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
-        self.head = HeadBatcher(executor)
+        self.head = HeadBatcher()
         # In-flight reads and encodes, shared by concurrent requests for one user.
         self._version_reads: dict[str, asyncio.Future[int]] = {}
         # user -> (monotonic time the read started, version): reused for
@@ -509,17 +516,23 @@ class NetworkScorer:
         min_history = max(self.settings.sampler.min_history, 1)
         personalized = state.history_turns >= min_history
         if cfg.combine == "network":
-            logits = await self.head.score(head, state.user_h, q, state.candidates_h(candidates))
+            [logits] = await self.head.score(
+                head, q, [(state.user_h, state.candidates_h(candidates))]
+            )
             scores = {m: float(v) for m, v in zip(candidates, logits, strict=True)}
             base = what = "GMTRouter network score"
         else:
             cold = await self._cold_state(state.model, candidates)
             theta = await self.prior.strengths()
             if personalized:
-                # one head pass for both rows (the batcher groups concurrent requests)
-                logits, cold_logits = await asyncio.gather(
-                    self.head.score(head, state.user_h, q, state.candidates_h(candidates)),
-                    self.head.score(head, cold.user_h, q, cold.candidates_h(candidates)),
+                # one head pass for both rows (and for concurrent requests' rows)
+                logits, cold_logits = await self.head.score(
+                    head,
+                    q,
+                    [
+                        (state.user_h, state.candidates_h(candidates)),
+                        (cold.user_h, cold.candidates_h(candidates)),
+                    ],
                 )
                 residual = [a - b for a, b in zip(logits, cold_logits, strict=True)]
             else:
@@ -587,4 +600,4 @@ class NetworkScorer:
             self.executor, self._encode_sync, served, nb, names, llm_x, True
         )
         query = np.zeros(self.settings.embedding.dim, dtype=np.float32)
-        await self.head.score(served.head, user_h, query, np.stack([llm_h[m] for m in names]))
+        await self.head.score(served.head, query, [(user_h, np.stack([llm_h[m] for m in names]))])
