@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.data import FloatArray, IntArray, PreparedData
 from model.metrics import pairwise_accuracy
 from model.network import GMTRouterNetwork
-from model.training import TrainConfig, cap_history, score_pairs, train_prepared
+from model.training import StopFlag, TrainConfig, cap_history, score_pairs, train_prepared
 
 
 class FineTuneConfig(BaseModel):
@@ -180,7 +179,7 @@ def fine_tune(
     *,
     seed: int,
     time_budget_s: float,
-    stop: threading.Event | None = None,
+    stop: StopFlag | None = None,
 ) -> FineTuneResult:
     """One fine-tuning round on ``prep``; see the module docstring.
 

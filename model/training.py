@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -29,6 +28,14 @@ from model.data import Encoder, IntArray, PreparedData, build_batch_graph, prepa
 from model.datasets.records import PreferenceRecord
 from model.metrics import roc_auc
 from model.network import GMTRouterNetwork, NetworkConfig
+
+
+class StopFlag(Protocol):
+    """Anything with ``is_set()``: a :class:`threading.Event` or a multiprocessing ``Event``."""
+
+    def is_set(self) -> bool:
+        """True once training should stop."""
+        ...
 
 
 class TrainConfig(BaseModel):
@@ -160,7 +167,7 @@ def train_prepared(
     desc: str = "train gmtrouter",
     init: GMTRouterNetwork | None = None,
     time_budget_s: float | None = None,
-    stop: threading.Event | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainResult:
     """Train on comparisons ``train_idx`` of ``prep`` (a validation slice is carved inside).
 
