@@ -161,11 +161,9 @@ class OnlineLearner:
         self.replica_id = replica_id or (
             f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         )
-        context = multiprocessing.get_context("spawn")
-        self._stop = context.Event()
-        self._trainer_pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_init_worker, initargs=(self._stop,)
-        )
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
+        self._trainer_pool = self._new_pool()
         self._tasks: list[asyncio.Task[None]] = []
         self._loaded_seq = 0
         self._trained_at: int | None = None
@@ -173,6 +171,15 @@ class OnlineLearner:
         self.rounds: list[RoundReport] = []
         #: True while this replica holds the trainer lease (or is the configured trainer).
         self.is_trainer = False
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        """The fine-tuning worker pool (one process, started at its first round)."""
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=self._context,
+            initializer=_init_worker,
+            initargs=(self._stop,),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -374,6 +381,10 @@ class OnlineLearner:
             )
         except Exception as exc:
             log.exception("fine-tuning failed")
+            if isinstance(exc, concurrent.futures.process.BrokenProcessPool):
+                # The worker died (e.g. killed for memory): the next round gets a new one.
+                self._trainer_pool.shutdown(wait=False, cancel_futures=True)
+                self._trainer_pool = self._new_pool()
             return self._report(
                 "failed", f"{type(exc).__name__}: {exc}", served, served, interactions, len(rows),
                 {}, t0,

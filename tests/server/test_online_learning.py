@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,40 @@ async def test_frozen_weights_when_learn_preferences_is_false(
         resp = await stub.Select(select_request("user0"), timeout=30)
         assert resp.method == "gmtrouter"  # history still counts at once
         assert resp.model_version == load_checkpoint(untrained_checkpoint).version
+
+
+async def test_a_killed_worker_fails_its_round_and_the_next_round_gets_a_new_one(
+    untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=DIM)
+    config = settings(
+        untrained_checkpoint, "follower", min_improvement=100.0, steps=100_000, time_budget_s=8
+    )
+    async with (
+        serving(config, store) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for req in record_requests()[:120]:
+            await stub.RecordResponse(req, timeout=30)
+        assert app.learner is not None
+        before = app.learner.scorer.model_version
+        first = asyncio.create_task(app.learner.train_once(force=True))
+        for _ in range(600):  # the worker process starts with the round
+            workers = multiprocessing.active_children()
+            if workers or first.done():
+                break
+            await asyncio.sleep(0.05)
+        assert workers, "no fine-tuning worker process started"
+        for worker in workers:
+            worker.kill()  # as the kernel's OOM killer would
+        report = await first
+        assert report is not None and report.outcome == "failed", report
+        assert "BrokenProcessPool" in report.reason
+        # The next round runs in a new worker (rejected here only by min_improvement).
+        again = await app.learner.train_once(force=True)
+        assert again is not None and again.outcome == "rejected", again
+        assert "does not improve" in again.reason
+        assert app.learner.scorer.model_version == before
+        resp = await stub.Select(select_request("user0"), timeout=30)
+        assert resp.model_version == before
