@@ -39,6 +39,7 @@ from graphstore.interactions import query_key
 from model.bradley_terry import fit_bradley_terry, per_query_deviation
 from model.data import embed_texts
 from model.datasets import PreferenceRecord
+from model.metrics import history_trend
 from model.text_encoder import TextEncoder
 from server.config import QueryEvidenceSettings
 
@@ -183,17 +184,41 @@ class ReplayTally:
     curve_hits: list[float] = dataclasses.field(default_factory=lambda: [0.0] * len(CURVE_EDGES))
     curve_n: list[int] = dataclasses.field(default_factory=lambda: [0] * len(CURVE_EDGES))
     latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    #: Per counted comparison: its user, the user's earlier interactions, and the hit.
+    pair_users: list[str] = dataclasses.field(default_factory=list)
+    pair_history: list[int] = dataclasses.field(default_factory=list)
+    pair_hits: list[float] = dataclasses.field(default_factory=list)
 
-    def add(self, diff: float, outcome: str, bucket: int) -> None:
+    def add(self, diff: float, outcome: str, history: int, user: str = "") -> None:
         """Count one comparison (``diff`` = score(a) − score(b); a tie is not counted, a zero
-        difference counts half) in the overall tally and in curve bucket ``bucket``."""
+        difference counts half) of ``user``, who had ``history`` interactions before it, in
+        the overall tally and in its curve bucket (:func:`curve_bucket`)."""
         if outcome == "tie":
             return
         hit = 0.5 if diff == 0 else float((diff > 0) == (outcome == "a"))
+        bucket = curve_bucket(history)
         self.hits += hit
         self.n += 1
         self.curve_hits[bucket] += hit
         self.curve_n[bucket] += 1
+        self.pair_users.append(user)
+        self.pair_history.append(history)
+        self.pair_hits.append(hit)
+
+    def trend(self, baseline: ReplayTally | None = None) -> dict[str, Any]:
+        """:func:`model.metrics.history_trend` of this method's hits, or with ``baseline``
+        (the same comparisons, replayed alongside) of the difference of their hits: does the
+        advantage over the baseline grow with history?
+
+        Raises:
+            ValueError: ``baseline`` counted other comparisons.
+        """
+        hits = np.array(self.pair_hits)
+        if baseline is not None:
+            if baseline.pair_users != self.pair_users or baseline.pair_history != self.pair_history:
+                raise ValueError("baseline was not replayed on the same comparisons")
+            hits = hits - np.array(baseline.pair_hits)
+        return history_trend(self.pair_users, self.pair_history, hits)
 
     def summary(self) -> dict[str, Any]:
         """The JSON shape of one method (``select_*_ms`` are NaN without latencies)."""
@@ -212,7 +237,20 @@ class ReplayTally:
             ],
             "select_p50_ms": float(np.percentile(lat, 50)),
             "select_p99_ms": float(np.percentile(lat, 99)),
+            "trend": self.trend(),
         }
+
+
+def summarize(tallies: dict[str, ReplayTally]) -> dict[str, dict[str, Any]]:
+    """Each method's :meth:`ReplayTally.summary`, plus ``trend_vs_global_bt`` (the trend of
+    its advantage over ``global_bt``) for every other method when ``global_bt`` is there."""
+    out = {name: t.summary() for name, t in tallies.items()}
+    base = tallies.get("global_bt")
+    if base is not None:
+        for name, t in tallies.items():
+            if name != "global_bt":
+                out[name]["trend_vs_global_bt"] = t.trend(base)
+    return out
 
 
 async def replay(
@@ -251,7 +289,11 @@ async def replay(
 
     Returns:
         ``{"dataset", "seed", "n_records", "server_methods", "wall_s", "methods": {NAME:
-        {"online_accuracy", "n_pairs", "curve", "select_p50_ms", "select_p99_ms"}}}``.
+        {"online_accuracy", "n_pairs", "curve", "select_p50_ms", "select_p99_ms", "trend",
+        "trend_vs_global_bt"}}}``: ``trend`` is :func:`model.metrics.history_trend` of the
+        method's hits (accuracy change per doubling of the user's history, with a 95 %
+        interval over users), ``trend_vs_global_bt`` the same of its advantage over
+        ``global_bt`` (absent for ``global_bt``).
 
     Raises:
         grpc.aio.AioRpcError: an RPC failed (the replay stops; nothing is retried silently).
@@ -307,9 +349,9 @@ async def replay(
             tallies["gmtrouter"].latencies_ms.append((time.perf_counter() - t0) * 1e3)
             methods[sel.method] += 1
             versions.add(sel.model_version)
-            bucket = curve_bucket(seen[r.user_id])
+            before = seen[r.user_id]
             tallies["gmtrouter"].add(
-                sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, bucket
+                sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, before, r.user_id
             )
             t1 = time.perf_counter()
             qkey = query_key(r.query_text)
@@ -317,7 +359,7 @@ async def replay(
             spent = (time.perf_counter() - t1) * 1e3
             for name, diff in baselines._asdict().items():
                 tallies[name].latencies_ms.append(spent)
-                tallies[name].add(diff, r.outcome, bucket)
+                tallies[name].add(diff, r.outcome, before, r.user_id)
             await stub.RecordResponse(
                 _record_request(dataset, r, emb, sel.interaction_id), timeout=deadline_s
             )
@@ -332,7 +374,7 @@ async def replay(
         "server_methods": dict(methods),
         "server_model_versions": sorted(versions)[:5],
         "wall_s": round(time.perf_counter() - start, 1),
-        "methods": {name: t.summary() for name, t in tallies.items()},
+        "methods": summarize(tallies),
     }
 
 
@@ -379,7 +421,24 @@ def format_replay_table(result: dict[str, Any]) -> str:
             acc = result["methods"][n]["curve"][i]["accuracy"]
             cells.append(f"{acc:>14.4f}" if acc is not None else f"{'-':>14}")
         lines.append(f"{point['history']:<10}{point['n_pairs']:>7}" + "".join(cells))
+    lines.append(
+        "trend (accuracy change per doubling of the user's history, 95 % interval over users;"
+        " 'vs global_bt': of the advantage over global_bt):"
+    )
+    for name, m in result["methods"].items():
+        parts = [f"{name:<14}{_format_trend(m.get('trend'))}"]
+        if "trend_vs_global_bt" in m:
+            parts.append(f"vs global_bt {_format_trend(m['trend_vs_global_bt'])}")
+        lines.append("   ".join(parts))
     return "\n".join(lines)
+
+
+def _format_trend(trend: dict[str, Any] | None) -> str:
+    if not trend or trend.get("slope_per_doubling") is None:
+        return "-"
+    text = f"{trend['slope_per_doubling']:+.4f}"
+    ci = trend.get("ci95")
+    return f"{text} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else text
 
 
 def plot_replay(result: dict[str, Any], path: str | Path) -> None:
@@ -393,7 +452,11 @@ def plot_replay(result: dict[str, Any], path: str | Path) -> None:
     for name, m in result["methods"].items():
         pts = [(i, p["accuracy"]) for i, p in enumerate(m["curve"]) if p["accuracy"] is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            trend = m.get("trend") or {}
+            label = name
+            if trend.get("slope_per_doubling") is not None:
+                label += f" ({trend['slope_per_doubling']:+.3f} per doubling)"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     labels = [p["history"] for p in next(iter(result["methods"].values()))["curve"]]
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel("interactions the user had before")

@@ -40,7 +40,7 @@ from model.datasets.splits import holdout_users
 from model.text_encoder import TextEncoder
 from model.training import TrainConfig, score_pairs, train_prepared
 from server.config import QueryEvidenceSettings, ScoringSettings
-from server.replay import OnlineBradleyTerry, ReplayTally, curve_bucket, replay_order
+from server.replay import OnlineBradleyTerry, ReplayTally, replay_order
 
 
 def simulate_replay(
@@ -74,8 +74,9 @@ def simulate_replay(
         progress: Progress bars for training and for the replayed stream (stderr).
 
     Returns:
-        ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs`` and
-        ``curve`` as in the replay's JSON (:class:`server.replay.ReplayTally`),
+        ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs``,
+        ``curve``, ``trend`` and ``trend_vs_global_bt`` as in the replay's JSON
+        (:class:`server.replay.ReplayTally`),
         ``network_only_accuracy`` (the network's logits alone: ``scoring.combine`` network
         and no per-query evidence), ``best_step``,
         ``train_s`` (seconds).
@@ -114,6 +115,7 @@ def simulate_replay(
     seen: dict[int, list[int]] = {}
     tally = ReplayTally()
     network_only = ReplayTally()
+    global_bt = ReplayTally()
     pairs = tqdm(
         zip(stream, stream_records, strict=True),
         total=len(stream),
@@ -137,9 +139,10 @@ def simulate_replay(
                 score = base.global_bt + scoring.residual_weight * (diff - cold)
             else:
                 score = base.global_bt
-            bucket = curve_bucket(len(earlier))
-            tally.add(score + evidence, record.outcome, bucket)
-            network_only.add(diff, record.outcome, bucket)
+            n_before = len(earlier)
+            tally.add(score + evidence, record.outcome, n_before, record.user_id)
+            network_only.add(diff, record.outcome, n_before, record.user_id)
+            global_bt.add(base.global_bt, record.outcome, n_before, record.user_id)
         bt.update(record.user_id, record.model_a, record.model_b, record.outcome, query=qkey)
         earlier.append(i)
     summary = tally.summary()
@@ -148,6 +151,8 @@ def simulate_replay(
         "network_only_accuracy": network_only.summary()["online_accuracy"],
         "n_pairs": summary["n_pairs"],
         "curve": summary["curve"],
+        "trend": summary["trend"],
+        "trend_vs_global_bt": tally.trend(global_bt),
         "best_step": res.metrics["best_step"],
         "train_s": train_s,
     }

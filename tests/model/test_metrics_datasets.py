@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.datasets import dataset_stats, load_dataset, read_llmfao, read_mt_bench
-from model.metrics import pairwise_accuracy, roc_auc, roc_auc_non_tied
+from model.metrics import history_trend, pairwise_accuracy, roc_auc, roc_auc_non_tied
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 MT = DATA / "mt_bench_human_judgments_full"
@@ -21,6 +21,33 @@ def test_pairwise_accuracy_hand_checked() -> None:
     # non-tied pairs: (+1, y=1) hit, (-2, y=1) miss, (0, y=0) half, (-1, y=0) hit; tie ignored
     assert pairwise_accuracy([1, -2, 0, -1, 5], [1, 1, 0, 0, 0.5]) == pytest.approx(2.5 / 4)
     assert math.isnan(pairwise_accuracy([1.0], [0.5]))
+
+
+def _planted_hits(gain_per_doubling: float, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    users = [f"u{i % 30}" for i in range(3000)]
+    history = np.array([i // 30 for i in range(3000)])
+    p = 0.6 + gain_per_doubling * np.log2(1 + history)
+    return users, history, (rng.random(3000) < p).astype(float)
+
+
+def test_history_trend_finds_a_planted_rise_and_not_a_flat_curve() -> None:
+    rising = history_trend(*_planted_hits(0.04, seed=1))
+    assert rising["slope_per_doubling"] == pytest.approx(0.04, abs=0.015)
+    assert rising["ci95"][0] > 0 and rising["n_users"] == 30 and rising["n_pairs"] == 3000
+    flat = history_trend(*_planted_hits(0.0, seed=2))
+    assert flat["ci95"][0] < 0 < flat["ci95"][1]
+    # exactly linear in log2(1 + history): the slope is the planted one
+    exact = history_trend(["a", "b", "a", "b"], [0, 1, 3, 7], [0.5, 0.6, 0.7, 0.8])
+    assert exact["slope_per_doubling"] == pytest.approx(0.1)
+
+
+def test_history_trend_degenerate_inputs() -> None:
+    assert history_trend(["a", "b"], [3, 3], [1.0, 0.0])["slope_per_doubling"] is None
+    one_user = history_trend(["a", "a"], [0, 1], [0.0, 1.0])
+    assert one_user["slope_per_doubling"] == pytest.approx(1.0) and one_user["ci95"] is None
+    with pytest.raises(ValueError, match="differ in length"):
+        history_trend(["a"], [0, 1], [1.0, 0.0])
 
 
 def test_auc_hand_checked() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from model.datasets.splits import holdout_users
 from model.synthetic import planted_preferences
-from server.replay import BaselineScores, replay
+from server.replay import BaselineScores, ReplayTally, format_replay_table, replay
 from tests.server.inprocess import DIM, running
 
 
@@ -70,3 +70,19 @@ async def test_served_prior_without_query_evidence_scores_as_global_bt() -> None
         m["global_bt"]["online_accuracy"], abs=1e-9
     )
     assert _curve(result, "gmtrouter") == _curve(result, "global_bt")
+    # the same hits give the same trend, and no advantage over global_bt at any history
+    assert m["gmtrouter"]["trend"] == m["global_bt"]["trend"]
+    assert m["gmtrouter"]["trend"]["slope_per_doubling"] is not None
+    assert m["gmtrouter"]["trend_vs_global_bt"]["slope_per_doubling"] == pytest.approx(0.0)
+    assert "trend_vs_global_bt" not in m["global_bt"]
+    assert "trend (accuracy change per doubling" in format_replay_table(result)
+
+
+def test_trend_against_a_baseline_needs_the_same_comparisons() -> None:
+    a, b = ReplayTally(), ReplayTally()
+    for i, outcome in enumerate(["a", "b", "a", "a"]):
+        a.add(1.0, outcome, i, "u1")
+        b.add(-1.0, outcome, i, "u1" if i < 3 else "u2")
+    with pytest.raises(ValueError, match="same comparisons"):
+        a.trend(b)
+    assert a.trend(a)["slope_per_doubling"] == pytest.approx(0.0)
