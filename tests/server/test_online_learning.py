@@ -168,9 +168,9 @@ async def test_fine_tuning_swaps_weights_under_load_and_reaches_the_other_replic
                     n += 1
                 except grpc.aio.AioRpcError as exc:
                     errors.append(f"{name}: {exc.code().name} {exc.details()}")
-                # Steady load, not a spin: six loops that never yield the CPU starve the
-                # trainer thread of the GIL (26 of 120 steps in the 60 s budget, seen after
-                # Select began scoring a second head row for the personalization residual).
+                # Steady load, not a spin: fine-tuning runs in its own process now, but on a
+                # 2-core machine six loops that never yield would still leave it little CPU
+                # (26 of 120 steps in the 60 s budget when it was a thread of this process).
                 await asyncio.sleep(0.005)
             return n
 
