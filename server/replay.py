@@ -241,15 +241,20 @@ class ReplayTally:
         }
 
 
-def summarize(tallies: dict[str, ReplayTally]) -> dict[str, dict[str, Any]]:
-    """Each method's :meth:`ReplayTally.summary`, plus ``trend_vs_global_bt`` (the trend of
-    its advantage over ``global_bt``) for every other method when ``global_bt`` is there."""
+def summarize(
+    tallies: dict[str, ReplayTally], baselines: Sequence[str] = ("global_bt", "per_query_bt")
+) -> dict[str, dict[str, Any]]:
+    """Each method's :meth:`ReplayTally.summary`, plus ``trend_vs_<baseline>`` (the trend of
+    its advantage over that baseline, :meth:`ReplayTally.trend`) for each of ``baselines``
+    that was replayed, on every method other than the baseline itself and those listed
+    before it (``global_bt`` gets none, ``per_query_bt`` the one against ``global_bt``)."""
     out = {name: t.summary() for name, t in tallies.items()}
-    base = tallies.get("global_bt")
-    if base is not None:
+    for i, base in enumerate(baselines):
+        if base not in tallies:
+            continue
         for name, t in tallies.items():
-            if name != "global_bt":
-                out[name]["trend_vs_global_bt"] = t.trend(base)
+            if name not in baselines[: i + 1]:
+                out[name][f"trend_vs_{base}"] = t.trend(tallies[base])
     return out
 
 
@@ -290,10 +295,10 @@ async def replay(
     Returns:
         ``{"dataset", "seed", "n_records", "server_methods", "wall_s", "methods": {NAME:
         {"online_accuracy", "n_pairs", "curve", "select_p50_ms", "select_p99_ms", "trend",
-        "trend_vs_global_bt"}}}``: ``trend`` is :func:`model.metrics.history_trend` of the
-        method's hits (accuracy change per doubling of the user's history, with a 95 %
-        interval over users), ``trend_vs_global_bt`` the same of its advantage over
-        ``global_bt`` (absent for ``global_bt``).
+        "trend_vs_global_bt", "trend_vs_per_query_bt"}}}``: ``trend`` is
+        :func:`model.metrics.history_trend` of the method's hits (accuracy change per
+        doubling of the user's history, with a 95 % interval over users), ``trend_vs_B`` the
+        same of its advantage over baseline ``B`` (see :func:`summarize`).
 
     Raises:
         grpc.aio.AioRpcError: an RPC failed (the replay stops; nothing is retried silently).
@@ -423,12 +428,13 @@ def format_replay_table(result: dict[str, Any]) -> str:
         lines.append(f"{point['history']:<10}{point['n_pairs']:>7}" + "".join(cells))
     lines.append(
         "trend (accuracy change per doubling of the user's history, 95 % interval over users;"
-        " 'vs global_bt': of the advantage over global_bt):"
+        " 'vs B': of the advantage over baseline B):"
     )
     for name, m in result["methods"].items():
         parts = [f"{name:<14}{_format_trend(m.get('trend'))}"]
-        if "trend_vs_global_bt" in m:
-            parts.append(f"vs global_bt {_format_trend(m['trend_vs_global_bt'])}")
+        for key, value in m.items():
+            if key.startswith("trend_vs_"):
+                parts.append(f"vs {key.removeprefix('trend_vs_')} {_format_trend(value)}")
         lines.append("   ".join(parts))
     return "\n".join(lines)
 

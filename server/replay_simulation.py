@@ -75,8 +75,8 @@ def simulate_replay(
 
     Returns:
         ``online_accuracy`` (non-tied, a zero score difference counts half), ``n_pairs``,
-        ``curve``, ``trend`` and ``trend_vs_global_bt`` as in the replay's JSON
-        (:class:`server.replay.ReplayTally`),
+        ``curve``, ``trend``, ``trend_vs_global_bt`` and ``trend_vs_per_query_bt`` as in the
+        replay's JSON (:class:`server.replay.ReplayTally`),
         ``network_only_accuracy`` (the network's logits alone: ``scoring.combine`` network
         and no per-query evidence), ``best_step``,
         ``train_s`` (seconds).
@@ -116,6 +116,7 @@ def simulate_replay(
     tally = ReplayTally()
     network_only = ReplayTally()
     global_bt = ReplayTally()
+    per_query_bt = ReplayTally()
     pairs = tqdm(
         zip(stream, stream_records, strict=True),
         total=len(stream),
@@ -143,6 +144,7 @@ def simulate_replay(
             tally.add(score + evidence, record.outcome, n_before, record.user_id)
             network_only.add(diff, record.outcome, n_before, record.user_id)
             global_bt.add(base.global_bt, record.outcome, n_before, record.user_id)
+            per_query_bt.add(base.per_query_bt, record.outcome, n_before, record.user_id)
         bt.update(record.user_id, record.model_a, record.model_b, record.outcome, query=qkey)
         earlier.append(i)
     summary = tally.summary()
@@ -153,6 +155,7 @@ def simulate_replay(
         "curve": summary["curve"],
         "trend": summary["trend"],
         "trend_vs_global_bt": tally.trend(global_bt),
+        "trend_vs_per_query_bt": tally.trend(per_query_bt),
         "best_step": res.metrics["best_step"],
         "train_s": train_s,
     }

@@ -75,6 +75,10 @@ async def test_served_prior_without_query_evidence_scores_as_global_bt() -> None
     assert m["gmtrouter"]["trend"]["slope_per_doubling"] is not None
     assert m["gmtrouter"]["trend_vs_global_bt"]["slope_per_doubling"] == pytest.approx(0.0)
     assert "trend_vs_global_bt" not in m["global_bt"]
+    assert set(m["per_query_bt"]) >= {"trend_vs_global_bt"} and not any(
+        k == "trend_vs_per_query_bt" for k in m["per_query_bt"]
+    )
+    assert "trend_vs_per_query_bt" in m["gmtrouter"] and "trend_vs_per_query_bt" in m["per_user_bt"]
     assert "trend (accuracy change per doubling" in format_replay_table(result)
 
 
