@@ -109,7 +109,7 @@ class ServingHead:
         qh = (m @ self.q_w + self.q_b).reshape(b, c, h, d)
         # softmax over two keys = sigmoid of the difference of their scores
         gap = ((qh * (k_u - k_q)).sum(axis=-1, keepdims=True)) * self.scale  # [B, C, h, 1]
-        w_u = 1.0 / (1.0 + np.exp(-gap))
+        w_u = 0.5 * (1.0 + np.tanh(0.5 * gap))  # = sigmoid(gap), without overflow
         att = (v_q + w_u * (v_u - v_q)).reshape(b, c, a) @ self.out_w + self.out_b  # [B, C, A]
         uq = u[:, None, :]
         qq = q[:, None, :]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+import threadpoolctl
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -286,6 +287,10 @@ class RouterServer:
             graphstore.errors.StoreUnavailableError: the store cannot be opened.
         """
         torch.set_num_threads(1)
+        # The prediction head is NumPy on the event loop: OpenBLAS's own thread pool (one
+        # thread per host core, blind to container CPU limits) turned a 1 ms batched pass into
+        # 84-95 ms on a busy 2-core machine. One thread, like torch.
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas")
         cfg = self.settings.server
         credentials = server_credentials(cfg.tls)
         tokens = load_tokens(cfg.auth, self.environ)

@@ -130,7 +130,7 @@ class ServerSettings(_Section):
         10.0, ge=0, le=300, description="SIGTERM: seconds in-flight calls may take to finish."
     )
     max_workers: int = Field(
-        1, ge=1, le=8, description="Threads for torch work (inference, embedding)."
+        1, ge=1, le=8, description="Threads for torch work (the HGT encode, text embedding)."
     )
     metrics_port: int = Field(
         9090,

@@ -6,7 +6,7 @@ and cover the candidates, only the prediction head runs (≈0.1 ms); otherwise t
 is sampled from the store, turned into a ``HeteroData`` and encoded by the HGT layers, and the
 result is cached (concurrent misses for one user share one encode).
 
-Torch never runs on the event loop: the HGT encode (a cache miss) and text embedding run in
+No torch inference runs on the event loop: the HGT encode (a cache miss) and text embedding run in
 the executor. The prediction head is :class:`model.serving_head.ServingHead`, the trained
 head's arithmetic in NumPy (for a few rows torch's per-operator dispatch cost 4× more), run on
 the loop through a micro-batcher (:class:`HeadBatcher`): the requests that arrived before its
@@ -180,34 +180,45 @@ class HeadBatcher:
             del self._pending[: self.max_batch_rows]
             try:
                 results = self._forward(batch)
-            except BaseException as exc:
-                for row in batch:
+            except BaseException as exc:  # not an Exception (e.g. KeyboardInterrupt)
+                for row in batch + self._pending:
                     if not row.future.done():
                         row.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
+                self._pending.clear()
+                raise
             for row, res in zip(batch, results, strict=True):
-                if not row.future.done():
+                if row.future.done():
+                    continue
+                if isinstance(res, Exception):
+                    row.future.set_exception(res)
+                else:
                     row.future.set_result(res)
+            if self._pending:
+                await asyncio.sleep(0)  # more than one pass queued: let the loop breathe
 
-    def _forward(self, batch: list[_HeadRow]) -> list[list[float]]:
-        """One head pass per distinct (head, candidate count) — usually one."""
+    def _forward(self, batch: list[_HeadRow]) -> list[list[float] | Exception]:
+        """One head pass per distinct (head, candidate count) — usually one. A pass that
+        raises fails its own rows only (their entries are the exception)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(batch):
             groups.setdefault((id(row.head), int(row.llm_h.shape[0])), []).append(i)
-        out: list[list[float]] = [[] for _ in batch]
+        out: list[list[float] | Exception] = [[] for _ in batch]
         for idx in groups.values():
             rows = [batch[i] for i in idx]
-            logits = (
-                rows[0]
-                .head(
-                    np.stack([r.user_h for r in rows]),
-                    np.stack([r.query for r in rows]),
-                    np.stack([r.llm_h for r in rows]),
+            try:
+                logits = (
+                    rows[0]
+                    .head(
+                        np.stack([r.user_h for r in rows]),
+                        np.stack([r.query for r in rows]),
+                        np.stack([r.llm_h for r in rows]),
+                    )
+                    .tolist()
                 )
-                .tolist()
-            )
+            except Exception as exc:
+                for i in idx:
+                    out[i] = exc
+                continue
             for i, values in zip(idx, logits, strict=True):
                 out[i] = values
         self.passes += 1

@@ -1,8 +1,9 @@
 """The transport-neutral routing service: validation, embedding, scoring, recording, streams.
 
 The gRPC servicer (``server/servicer.py``) only converts messages and delegates here; tests
-and tools may call this class directly. Torch work (query embedding, network inference) runs
-on a thread pool, never on the event loop.
+and tools may call this class directly. Torch work (query embedding, the network's HGT encode)
+runs on a thread pool, never on the event loop; the prediction head is a NumPy pass on the loop
+(``server/personalization.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import math
 import time
 from collections.abc import AsyncGenerator, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +50,12 @@ log = structlog.get_logger(__name__)
 RECORD_NOT_WRITTEN = "not written"
 #: Start of the UNAVAILABLE message of a RecordResponse whose commit outcome is unknown.
 RECORD_OUTCOME_UNKNOWN = "outcome unknown"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Done callback: mark a future's exception retrieved (nobody awaits it any more)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class RoutingService:
@@ -143,7 +151,8 @@ class RoutingService:
         """The scorer's scores plus the per-query evidence (``evidence``: its read, started
         before the query was embedded, so that it overlaps the encode and the scorer)."""
         scored = await self.scorer.score(user_id, emb, names)
-        ev = await evidence if evidence is not None else None
+        # shielded: a cancelled Select leaves the read to finish (see select())
+        ev = await asyncio.shield(evidence) if evidence is not None else None
         if ev is None:
             return scored
         return dataclasses.replace(
@@ -175,10 +184,10 @@ class RoutingService:
             scored = await self._score(req.user_id, emb, names, evidence)
         finally:
             if evidence is not None:
-                if not evidence.done():
-                    evidence.cancel()  # the Select failed before it needed the evidence
-                elif not evidence.cancelled():
-                    evidence.exception()  # retrieved: a failed Select already says why
+                # When the Select failed (or was cancelled) before it needed the evidence, the
+                # read is left to finish, not cancelled: a cancelled budgeted read counts as
+                # abandoned and would make Selects answer degraded until it ends.
+                evidence.add_done_callback(_retrieve)
         best = max(names, key=lambda m: (scored.scores[m], -names.index(m)))
         ordered = sorted(scored.scores.values(), reverse=True)
         margin = ordered[0] - ordered[1] if len(ordered) > 1 else math.inf

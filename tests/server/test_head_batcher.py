@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 import torch
 
 from model.network import CrossAttentionHead, NetworkConfig
@@ -72,15 +71,27 @@ def test_rows_of_different_heads_and_widths_are_scored_apart() -> None:
 
 
 def test_a_failed_pass_fails_its_requests_only() -> None:
-    head = _head(3)
+    head, other = _head(3), _head(4)
     rng = np.random.default_rng(3)
     q = rng.standard_normal(CFG.embedding_dim, dtype=np.float32)
     bad = [(rng.standard_normal(CFG.hidden_dim + 1, dtype=np.float32), _rows(rng, 1, 2)[0][1])]
+    good = _rows(rng, 1, 2)
 
     async def run() -> None:
         batcher = HeadBatcher()
-        with pytest.raises(ValueError):
-            await batcher.score(head, q, bad)
+        failed, fine, fine_other = await asyncio.gather(
+            batcher.score(head, q, bad),
+            batcher.score(head, q, _rows(rng, 1, 3)),
+            batcher.score(other, q, good),
+            return_exceptions=True,
+        )
+        assert batcher.passes == 1  # the three requests went into one batch
+        assert isinstance(failed, ValueError)
+        assert not isinstance(fine, BaseException) and len(fine[0]) == 3
+        assert not isinstance(fine_other, BaseException)
+        np.testing.assert_allclose(
+            fine_other[0], other(good[0][0][None], q[None], good[0][1][None])[0], atol=1e-6
+        )
         assert len((await batcher.score(head, q, _rows(rng, 1, 2)))[0]) == 2
 
     asyncio.run(run())

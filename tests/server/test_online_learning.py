@@ -295,9 +295,11 @@ async def test_a_killed_worker_fails_its_round_and_the_next_round_gets_a_new_one
             await stub.RecordResponse(req, timeout=30)
         assert app.learner is not None
         before = app.learner.scorer.model_version
+        # workers of earlier tests may still be exiting: only a new one is this round's
+        earlier = {p.pid for p in multiprocessing.active_children()}
         first = asyncio.create_task(app.learner.train_once(force=True))
         for _ in range(600):  # the worker process starts with the round
-            workers = multiprocessing.active_children()
+            workers = [p for p in multiprocessing.active_children() if p.pid not in earlier]
             if workers or first.done():
                 break
             await asyncio.sleep(0.05)
