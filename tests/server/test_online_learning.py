@@ -31,6 +31,7 @@ from model.network import GMTRouterNetwork, NetworkConfig
 from model.synthetic import HashEncoder, planted_preferences
 from server.app import RouterServer
 from server.config import EmbeddingSettings, parse_settings
+from server.learning import OnlineLearner
 
 DIM = 384
 MODELS = ["A", "B", "C"]
@@ -84,6 +85,23 @@ async def serving(config: Any, store: GraphStore) -> AsyncIterator[RouterServer]
         yield app
     finally:
         await app.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def follower_with_history(
+    config: Any, store: GraphStore
+) -> AsyncIterator[tuple[OnlineLearner, Any]]:
+    """A server with online learning on, after 120 planted comparisons were recorded through
+    it; yields its learner and a Router stub on its port."""
+    async with (
+        serving(config, store) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for req in record_requests()[:120]:
+            await stub.RecordResponse(req, timeout=30)
+        assert app.learner is not None
+        yield app.learner, stub
 
 
 def record_requests() -> list[pb.RecordResponseRequest]:
@@ -231,19 +249,12 @@ async def test_a_worse_round_is_discarded_and_nothing_is_published(
 ) -> None:
     store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=DIM)
     config = settings(untrained_checkpoint, "follower", min_improvement=100.0, steps=3)
-    async with (
-        serving(config, store) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
-    ):
-        stub = router_pb2_grpc.RouterServiceStub(ch)
-        for req in record_requests()[:120]:
-            await stub.RecordResponse(req, timeout=30)
-        assert app.learner is not None
-        before = app.learner.scorer.model_version
-        report = await app.learner.train_once(force=True)
+    async with follower_with_history(config, store) as (learner, stub):
+        before = learner.scorer.model_version
+        report = await learner.train_once(force=True)
         assert report is not None and report.outcome == "rejected", report
         assert "does not improve" in report.reason
-        assert app.learner.scorer.model_version == before == report.new_version
+        assert learner.scorer.model_version == before == report.new_version
         assert await store.latest_model() is None
         resp = await stub.Select(select_request("user0"), timeout=30)
         assert resp.model_version == before
@@ -286,18 +297,11 @@ async def test_a_killed_worker_fails_its_round_and_the_next_round_gets_a_new_one
     config = settings(
         untrained_checkpoint, "follower", min_improvement=100.0, steps=100_000, time_budget_s=8
     )
-    async with (
-        serving(config, store) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
-    ):
-        stub = router_pb2_grpc.RouterServiceStub(ch)
-        for req in record_requests()[:120]:
-            await stub.RecordResponse(req, timeout=30)
-        assert app.learner is not None
-        before = app.learner.scorer.model_version
+    async with follower_with_history(config, store) as (learner, stub):
+        before = learner.scorer.model_version
         # workers of earlier tests may still be exiting: only a new one is this round's
         earlier = {p.pid for p in multiprocessing.active_children()}
-        first = asyncio.create_task(app.learner.train_once(force=True))
+        first = asyncio.create_task(learner.train_once(force=True))
         for _ in range(600):  # the worker process starts with the round
             workers = [p for p in multiprocessing.active_children() if p.pid not in earlier]
             if workers or first.done():
@@ -310,9 +314,9 @@ async def test_a_killed_worker_fails_its_round_and_the_next_round_gets_a_new_one
         assert report is not None and report.outcome == "failed", report
         assert "BrokenProcessPool" in report.reason
         # The next round runs in a new worker (rejected here only by min_improvement).
-        again = await app.learner.train_once(force=True)
+        again = await learner.train_once(force=True)
         assert again is not None and again.outcome == "rejected", again
         assert "does not improve" in again.reason
-        assert app.learner.scorer.model_version == before
+        assert learner.scorer.model_version == before
         resp = await stub.Select(select_request("user0"), timeout=30)
         assert resp.model_version == before
