@@ -154,6 +154,24 @@ class RecordedComparison:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class UserComparison:
+    """One of a user's stored comparisons, as the per-user evidence reads it back
+    (:meth:`~graphstore.store.GraphStore.user_comparisons`, ``server/user_evidence.py``).
+
+    Attributes:
+        winner_model: The preferred model (the first of the two for a tie).
+        loser_model: The other model.
+        tie: True when neither was preferred.
+        query_key: :func:`query_key` of the query ("" when it was recorded without one).
+    """
+
+    winner_model: str
+    loser_model: str
+    tie: bool
+    query_key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RecordResult:
     """What the store did with one interaction.
 

@@ -83,6 +83,7 @@ from graphstore.interactions import (
     PairCount,
     RecordedComparison,
     RecordResult,
+    UserComparison,
     check_interaction,
     pair_counts_from,
     pair_deltas,
@@ -118,6 +119,8 @@ SCHEMA: tuple[str, ...] = (
     "CREATE INDEX query_user IF NOT EXISTS FOR (q:Query) ON (q.user_id)",
     # per-query evidence (query_pair_counts): newest comparisons of one key first
     "CREATE INDEX query_key_ts IF NOT EXISTS FOR (q:Query) ON (q.query_key, q.ts)",
+    # per-user evidence (user_comparisons): the user's newest comparisons first
+    "CREATE INDEX query_user_ts IF NOT EXISTS FOR (q:Query) ON (q.user_id, q.ts)",
     # online learning (graphstore/registry.py)
     "CREATE INDEX query_ts IF NOT EXISTS FOR (q:Query) ON (q.ts)",
     "CREATE CONSTRAINT model_weights_version IF NOT EXISTS "
@@ -963,6 +966,28 @@ class Neo4jGraphStore(GraphStore):
             return pair_deltas([(r["w"], r["l"], bool(r["tie"])) async for r in result])
 
         rows: list[PairCount] = await self._read(work, "query_pair_counts")
+        return rows
+
+    async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
+        """See :meth:`GraphStore.user_comparisons` (a seek on the ``(user_id, ts)`` index,
+        newest first, stopping after ``limit``)."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+
+        async def work(tx: AsyncManagedTransaction) -> list[UserComparison]:
+            result = await tx.run(
+                "MATCH (q:Query) USING INDEX q:Query(user_id, ts) "
+                "WHERE q.user_id = $user AND q.ts IS NOT NULL AND q.winner_model IS NOT NULL "
+                "AND q.loser_model IS NOT NULL "
+                "WITH q ORDER BY q.ts DESC, q.interaction_id DESC LIMIT $limit "
+                "RETURN q.winner_model AS w, q.loser_model AS l, q.tie AS tie, "
+                "coalesce(q.query_key, '') AS k",
+                user=user_id,
+                limit=limit,
+            )
+            return [UserComparison(r["w"], r["l"], bool(r["tie"]), r["k"]) async for r in result]
+
+        rows: list[UserComparison] = await self._read(work, "user_comparisons")
         return rows
 
     async def pair_counts(self) -> list[PairCount]:

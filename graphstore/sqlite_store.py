@@ -34,6 +34,7 @@ from graphstore.interactions import (
     PairCount,
     RecordedComparison,
     RecordResult,
+    UserComparison,
     check_interaction,
     pair_deltas,
 )
@@ -117,6 +118,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE interactions ADD COLUMN query_key TEXT NOT NULL DEFAULT ''")
     conn.execute(
         "CREATE INDEX IF NOT EXISTS interactions_by_query_key ON interactions(query_key, ts DESC)"
+    )
+    # per-user evidence (user_comparisons): the user's newest comparisons first
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS interactions_by_user_ts ON interactions(user_id, ts DESC)"
     )
 
 
@@ -444,6 +449,22 @@ class SQLiteGraphStore(GraphStore):
                 (query_key, limit),
             )
             return pair_deltas((w, lo, bool(t)) for w, lo, t in rows)
+
+        return await self._run(read)
+
+    async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
+        """See :meth:`GraphStore.user_comparisons`."""
+        if limit < 1:
+            raise ValueError(f"limit (got {limit}) must be >= 1")
+
+        def read() -> list[UserComparison]:
+            rows = self._db().execute(
+                "SELECT winner_model, loser_model, tie, query_key FROM interactions "
+                "WHERE user_id = ? AND winner_model IS NOT NULL AND loser_model IS NOT NULL "
+                "ORDER BY ts DESC, interaction_id DESC LIMIT ?",
+                (user_id, limit),
+            )
+            return [UserComparison(w, lo, bool(t), k) for w, lo, t, k in rows]
 
         return await self._run(read)
 

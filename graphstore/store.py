@@ -12,7 +12,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 
-from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
+from graphstore.interactions import (
+    Interaction,
+    PairCount,
+    RecordedComparison,
+    RecordResult,
+    UserComparison,
+)
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.registry import PublishedModel
 
@@ -103,6 +109,18 @@ class GraphStore(abc.ABC):
         Returns:
             One :class:`PairCount` per model pair (``model_a < model_b``), sorted by names;
             empty for the key "" or an unknown key.
+
+        Raises:
+            ValueError: ``limit`` < 1.
+            StoreUnavailableError: the database failed.
+        """
+
+    @abc.abstractmethod
+    async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
+        """The user's ``limit`` most recent pairwise comparisons (by timestamp), newest first,
+        with their query keys (the per-user Bradley–Terry evidence, ``server/user_evidence.py``).
+
+        One indexed read. An unknown user has none; a deleted user's are gone.
 
         Raises:
             ValueError: ``limit`` < 1.

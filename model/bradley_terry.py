@@ -130,10 +130,114 @@ def per_query_deviation(
         ValueError: negative ``prior_strength`` or weight.
     """
     names = list(dict.fromkeys(candidates))
+    fit = per_query_strengths(wins, theta, names, prior_strength=prior_strength)
+    return {m: fit.get(m, 0.0) - float(theta.get(m, 0.0)) for m in names}
+
+
+def per_query_strengths(
+    wins: Iterable[tuple[str, str, float]],
+    theta: Mapping[str, float],
+    models: Iterable[str] = (),
+    *,
+    prior_strength: float = 10.0,
+) -> dict[str, float]:
+    """One query's Bradley–Terry log-strengths θ_q, each model pulled towards its global
+    strength ``theta[m]`` by ``prior_strength`` virtual games (:func:`per_query_deviation`
+    returns ``θ_q − θ`` of the candidates).
+
+    Args:
+        wins: The query's ``(winner, loser, weight)`` triples; a tie is two of weight 0.5.
+        theta: Global log-strengths.
+        models: Models to include even when neither in ``wins`` nor in ``theta``.
+        prior_strength: Virtual games per model (≥ 0).
+
+    Returns:
+        ``{model: θ_q}`` for every model of ``theta``, ``wins`` and ``models`` (a model
+        without games of the query keeps its global strength; 0.0 when unknown).
+
+    Raises:
+        ValueError: negative ``prior_strength`` or weight.
+    """
     rows = list(wins)
     if not rows:
-        return {m: 0.0 for m in names}
-    fit = fit_bradley_terry(
-        rows, prior_strength=prior_strength, prior=theta, models=names, max_iter=100
+        return {**{m: 0.0 for m in models}, **{m: float(v) for m, v in theta.items()}}
+    return fit_bradley_terry(
+        rows, prior_strength=prior_strength, prior=theta, models=models, max_iter=100
     )
-    return {m: fit.get(m, 0.0) - float(theta.get(m, 0.0)) for m in names}
+
+
+def user_deviation(
+    user_wins: Iterable[tuple[str, str, float]],
+    user_query_wins: Iterable[tuple[str, str, float]],
+    theta: Mapping[str, float],
+    query_theta: Mapping[str, float],
+    candidates: Iterable[str],
+    *,
+    user_prior_strength: float = 5.0,
+    user_weight: float = 0.0,
+    query_prior_strength: float = 3.0,
+) -> dict[str, float]:
+    """How one user's own earlier outcomes move each candidate's score.
+
+    Two terms, each a Bradley–Terry fit pulled towards a centre by virtual games
+    (:func:`fit_bradley_terry` with ``prior``):
+
+    * the user's taste: strengths θ_u fitted on all the user's comparisons ``user_wins``,
+      centred on the global strengths ``theta`` (``user_prior_strength`` virtual games per
+      model), contributing ``user_weight × (θ_u[m] − θ[m])``;
+    * the user's verdicts on this query: strengths θ_uq fitted on the user's comparisons of
+      the same query ``user_query_wins``, centred on the query's strengths ``query_theta``
+      (every user's outcomes on it, :func:`per_query_strengths`; ``query_prior_strength``
+      virtual games), contributing ``θ_uq[m] − θ_q[m]``. The user's earlier verdicts on other
+      pairs of this query's answers reach the candidates through the fit (a beat b, b beat c
+      ⇒ a ahead of c).
+
+    Not in the GMTRouter paper: an addition of ours (``server/user_evidence.py``), measured
+    in README → Results.
+
+    Args:
+        user_wins: The user's ``(winner, loser, weight)`` triples (a tie: two of 0.5).
+        user_query_wins: The subset of them on this query.
+        theta: Global log-strengths.
+        query_theta: The query's log-strengths (``theta`` when nobody compared it).
+        candidates: Models to return.
+        user_prior_strength, query_prior_strength: Virtual games per model (≥ 0).
+        user_weight: Multiplier of the user's taste term (≥ 0; 0 leaves it out).
+
+    Returns:
+        ``{candidate: deviation}`` in log-strength units (all 0.0 without comparisons).
+
+    Raises:
+        ValueError: a negative prior strength or weight.
+    """
+    names = list(dict.fromkeys(candidates))
+    out = {m: 0.0 for m in names}
+    if user_weight < 0:
+        raise ValueError(f"user_weight (got {user_weight}) must be >= 0")
+    overall = list(user_wins)
+    if overall and user_weight > 0:
+        fit = fit_bradley_terry(
+            overall,
+            prior_strength=user_prior_strength,
+            prior=theta,
+            models=names,
+            max_iter=100,
+            tol=1e-6,
+        )
+        for m in names:
+            out[m] += user_weight * (fit[m] - float(theta.get(m, 0.0)))
+    same_query = list(user_query_wins)
+    if same_query:
+        centre = {m: float(query_theta.get(m, theta.get(m, 0.0))) for m in names}
+        centre.update({m: float(v) for m, v in query_theta.items()})
+        fit = fit_bradley_terry(
+            same_query,
+            prior_strength=query_prior_strength,
+            prior=centre,
+            models=names,
+            max_iter=100,
+            tol=1e-6,
+        )
+        for m in names:
+            out[m] += fit[m] - centre[m]
+    return out

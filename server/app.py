@@ -41,6 +41,7 @@ from server.routing import RoutingService
 from server.scoring import Scorer
 from server.security import BearerAuth, load_tokens, server_credentials
 from server.servicer import RouterServicer
+from server.user_evidence import UserEvidenceSource
 
 if TYPE_CHECKING:
     from server.learning import OnlineLearner
@@ -311,8 +312,11 @@ class RouterServer:
         evidence = QueryEvidenceSource(
             self.settings.query_evidence, scorer.prior.store, scorer.prior, self.executor
         )
+        user_evidence = UserEvidenceSource(
+            self.settings.user_evidence, scorer.prior.store, scorer.prior, self.executor
+        )
         self.service = RoutingService(
-            self.settings, store, scorer, self.encoder, self.executor, evidence
+            self.settings, store, scorer, self.encoder, self.executor, evidence, user_evidence
         )
         if self.settings.gmtrouter.model_path and self.settings.gmtrouter.learn_preferences:
             from server.learning import OnlineLearner

@@ -3,7 +3,7 @@
 The ``decision`` and ``models`` sections use exactly the seed's keys
 (``shared/seed/gmtrouter-selection.txt``, "Configuration" and "Key Parameters"); ``server``,
 ``store``, ``sampler``, ``embedding``, ``logging``, ``limits``, ``streaming``, ``prior``,
-``scoring``, ``query_evidence``, ``learning`` and ``privacy`` are ours.
+``scoring``, ``query_evidence``, ``user_evidence``, ``learning`` and ``privacy`` are ours.
 Secrets come from the environment: ``NEO4J_USER``, ``NEO4J_PASSWORD`` and ``NEO4J_DATABASE``
 override ``store.neo4j.*``; bearer tokens come from ``server.auth.tokens_file`` or env
 ``GMTROUTER_AUTH_TOKENS`` (``server/security.py``), never from this file.
@@ -315,6 +315,50 @@ class QueryEvidenceSettings(_Section):
     )
 
 
+class UserEvidenceSettings(_Section):
+    """``user_evidence`` — the user's own earlier outcomes, overall and on the same query
+    (server/user_evidence.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="Add to each candidate's score how the user's own Bradley-Terry strengths "
+        "(over the user's comparisons, and over those of the same query text) deviate from "
+        "the global and the per-query ones.",
+    )
+    max_comparisons: int = Field(
+        256, ge=1, le=100_000, description="Most recent comparisons of the user read."
+    )
+    user_weight: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Multiplier of the user's overall taste (their strengths minus the global "
+        "ones); 0 = only their verdicts on the same query count (on the replays of LLMFAO "
+        "and MT-Bench the network's residual already carries the taste: README -> Results).",
+    )
+    user_prior_strength: float = Field(
+        5.0,
+        gt=0,
+        le=1000,
+        description="Virtual games per model pulling the user's strengths to the global ones.",
+    )
+    query_prior_strength: float = Field(
+        3.0,
+        gt=0,
+        le=1000,
+        description="Virtual games per model pulling the user's strengths on one query to "
+        "that query's strengths (every user's outcomes on it).",
+    )
+    max_age_ms: float = Field(
+        1000.0,
+        ge=0,
+        le=3_600_000,
+        description="Reuse a user's comparisons this long (ms); 0 = read the store every "
+        "Select. A write through this replica is seen at once, one through another within "
+        "this bound.",
+    )
+
+
 class LearningSettings(_Section):
     """``learning`` — online fine-tuning, on when ``decision.algorithm.gmtrouter.learn_preferences``
     is true and a checkpoint is served (``server/learning.py`` has the exact behaviour)."""
@@ -392,6 +436,7 @@ class Settings(_Section):
     prior: PriorSettings = PriorSettings()
     scoring: ScoringSettings = ScoringSettings()
     query_evidence: QueryEvidenceSettings = QueryEvidenceSettings()
+    user_evidence: UserEvidenceSettings = UserEvidenceSettings()
     learning: LearningSettings = LearningSettings()
     privacy: PrivacySettings = PrivacySettings()
 

@@ -32,7 +32,13 @@ import numpy.typing as npt
 import structlog
 
 from graphstore.errors import StoreTimeoutError, StoreUnavailableError
-from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
+from graphstore.interactions import (
+    Interaction,
+    PairCount,
+    RecordedComparison,
+    RecordResult,
+    UserComparison,
+)
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.registry import PublishedModel
 from graphstore.store import GraphStore
@@ -160,6 +166,10 @@ class BudgetedStore(GraphStore):
     async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
         """See :meth:`GraphStore.query_pair_counts`; raises StoreTimeoutError past the budget."""
         return await self._read("query_pair_counts", self.inner.query_pair_counts(query_key, limit))
+
+    async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
+        """See :meth:`GraphStore.user_comparisons`; raises StoreTimeoutError past the budget."""
+        return await self._read("user_comparisons", self.inner.user_comparisons(user_id, limit))
 
     async def counts(self) -> dict[str, int]:
         """See :meth:`GraphStore.counts`; raises StoreTimeoutError past the budget."""

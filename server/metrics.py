@@ -43,7 +43,13 @@ from prometheus_client import (
 )
 
 from gmtrouter.v1 import router_pb2 as pb
-from graphstore.interactions import Interaction, PairCount, RecordedComparison, RecordResult
+from graphstore.interactions import (
+    Interaction,
+    PairCount,
+    RecordedComparison,
+    RecordResult,
+    UserComparison,
+)
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.registry import PublishedModel
 from graphstore.store import GraphStore
@@ -274,6 +280,13 @@ class InstrumentedStore(GraphStore):
         """See :meth:`GraphStore.query_pair_counts`."""
         out: list[PairCount] = await self._call(
             "query_pair_counts", self.inner.query_pair_counts(query_key, limit)
+        )
+        return out
+
+    async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
+        """See :meth:`GraphStore.user_comparisons`."""
+        out: list[UserComparison] = await self._call(
+            "user_comparisons", self.inner.user_comparisons(user_id, limit)
         )
         return out
 

@@ -13,7 +13,7 @@ which one this user will prefer. For each Select with a query text:
    concurrently with the scorer);
 3. per-query Bradley–Terry strengths are fitted on them, pulled towards the global strengths
    of the prior by ``query_evidence.prior_strength`` virtual games per model
-   (:func:`model.bradley_terry.per_query_deviation`), and ``weight × (θ_query[m] − θ[m])``
+   (:func:`model.bradley_terry.per_query_strengths`), and ``weight × (θ_query[m] − θ[m])``
    is added to candidate ``m``'s score.
 
 A query nobody compared before adds 0, so the scores are the scorer's own. Replicas read the
@@ -43,7 +43,7 @@ import structlog
 from graphstore.errors import StoreUnavailableError
 from graphstore.interactions import PairCount
 from graphstore.store import GraphStore
-from model.bradley_terry import per_query_deviation
+from model.bradley_terry import per_query_strengths
 from server.config import QueryEvidenceSettings
 from server.scoring import PriorScorer, pair_count_wins
 
@@ -62,11 +62,15 @@ class QueryEvidence:
             the query has no recorded comparison).
         comparisons: Comparisons of the query it rests on (ties count once).
         error: Why no evidence could be read ("" when it was).
+        strengths: The query's log-strengths θ_q of every known model (unweighted; empty
+            when the query has no recorded comparison): the centre of the user's own
+            verdicts on this query (``server/user_evidence.py``).
     """
 
     deviation: dict[str, float]
     comparisons: float
     error: str = ""
+    strengths: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         """One sentence for ``SelectResponse.reasoning``."""
@@ -106,6 +110,8 @@ class QueryEvidenceSource:
         self._counts: collections.OrderedDict[str, tuple[float, list[PairCount]]] = (
             collections.OrderedDict()
         )
+        # key -> (counts, global strengths, θ_q): the last fit, reused while neither changed
+        self._fits: dict[str, tuple[list[PairCount], dict[str, float], dict[str, float]]] = {}
 
     async def _read(self, key: str) -> list[PairCount]:
         max_age_s = self.settings.max_age_ms / 1000.0
@@ -119,7 +125,7 @@ class QueryEvidenceSource:
             self._counts[key] = (started, counts)
             self._counts.move_to_end(key)
             while len(self._counts) > CACHE_SIZE:
-                self._counts.popitem(last=False)
+                self._fits.pop(self._counts.popitem(last=False)[0], None)
         return counts
 
     async def evidence(self, key: str, candidates: Sequence[str]) -> QueryEvidence | None:
@@ -139,23 +145,38 @@ class QueryEvidenceSource:
         except StoreUnavailableError as exc:
             log.warning("per-query evidence unavailable", error=str(exc))
             return QueryEvidence(zero, 0.0, error=type(exc).__name__)
-        fit = functools.partial(
-            per_query_deviation,
-            pair_count_wins(counts),
-            dict(theta),
-            list(candidates),
-            prior_strength=self.settings.prior_strength,
-        )
-        dev = await asyncio.get_running_loop().run_in_executor(self.executor, fit)
+        last = self._fits.get(key)
+        if (
+            last is not None
+            and last[0] is counts
+            and last[1] is theta
+            and all(m in last[2] for m in candidates)
+        ):
+            strengths = last[2]
+        else:
+            fit = functools.partial(
+                per_query_strengths,
+                pair_count_wins(counts),
+                dict(theta),
+                list(candidates),
+                prior_strength=self.settings.prior_strength,
+            )
+            strengths = await asyncio.get_running_loop().run_in_executor(self.executor, fit)
+            if key in self._counts:  # cached counts: the fit may be reused with them
+                self._fits[key] = (counts, theta, strengths)
         w = self.settings.weight
         return QueryEvidence(
-            {m: w * dev[m] for m in candidates}, sum(c.wins_a + c.wins_b for c in counts)
+            {m: w * (strengths[m] - float(theta.get(m, 0.0))) for m in candidates},
+            sum(c.wins_a + c.wins_b for c in counts),
+            strengths=strengths,
         )
 
     def invalidate(self, key: str) -> None:
         """A comparison of the query ``key`` was recorded through this replica."""
         self._counts.pop(key, None)
+        self._fits.pop(key, None)
 
     def clear(self) -> None:
         """Forget every query's counts (a user was deleted through this replica)."""
         self._counts.clear()
+        self._fits.clear()

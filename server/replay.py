@@ -101,6 +101,16 @@ class BaselineScores(NamedTuple):
     per_query_bt: float
 
 
+def outcome_wins(a: str, b: str, outcome: str) -> list[tuple[str, str, float]]:
+    """One comparison of ``a`` and ``b`` as ``(winner, loser, weight)`` triples
+    (``outcome`` ∈ {"a", "b", "tie"}; a tie is two triples of weight 0.5)."""
+    if outcome == "a":
+        return [(a, b, 1.0)]
+    if outcome == "b":
+        return [(b, a, 1.0)]
+    return [(a, b, 0.5), (b, a, 0.5)]
+
+
 class OnlineBradleyTerry:
     """Global and per-user Bradley–Terry models updated after every comparison.
 
@@ -155,12 +165,7 @@ class OnlineBradleyTerry:
             query: The query's key ("" = none).
             refit: Refit the global strengths now (False when loading many at once).
         """
-        if outcome == "a":
-            wins = [(a, b, 1.0)]
-        elif outcome == "b":
-            wins = [(b, a, 1.0)]
-        else:
-            wins = [(a, b, 0.5), (b, a, 0.5)]
+        wins = outcome_wins(a, b, outcome)
         self.games += wins
         self.user_games[user] += wins
         if query:

@@ -9,7 +9,8 @@ sampler's ``fan_out[0]`` = 256 turns = 128 comparisons), and combines it as the 
 does (``scoring``: by default the Bradley–Terry prior plus half the network's
 personalization residual, ``server/personalization.py``) with the per-query evidence
 (``server/query_evidence.py``) from every earlier comparison, the kept users' included (the
-replay records those first). No server, no store, no gRPC: a
+replay records those first), and with the per-user evidence (``server/user_evidence.py``)
+from the user's earlier comparisons of the stream. No server, no store, no gRPC: a
 run takes minutes instead of a full replay, and on LLMFAO and MT-Bench it reproduced the
 live replay's ``gmtrouter`` accuracy to four decimals. It does not replace the replay
 (README numbers come from the replay); it is how training settings were compared over
@@ -34,13 +35,14 @@ import torch
 from tqdm import tqdm
 
 from graphstore.interactions import query_key
+from model.bradley_terry import per_query_strengths, user_deviation
 from model.data import Encoder, prepare
 from model.datasets import DATASETS, PreferenceRecord, load_dataset
 from model.datasets.splits import holdout_users
 from model.text_encoder import TextEncoder
 from model.training import TrainConfig, score_pairs, train_prepared
-from server.config import QueryEvidenceSettings, ScoringSettings
-from server.replay import OnlineBradleyTerry, ReplayTally, replay_order
+from server.config import QueryEvidenceSettings, ScoringSettings, UserEvidenceSettings
+from server.replay import OnlineBradleyTerry, ReplayTally, outcome_wins, replay_order
 
 
 def simulate_replay(
@@ -54,6 +56,7 @@ def simulate_replay(
     history_cap: int = 128,
     query_evidence: bool = True,
     scoring: ScoringSettings | None = None,
+    user_evidence: UserEvidenceSettings | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train on the kept users, replay the held-out ones offline.
@@ -71,6 +74,9 @@ def simulate_replay(
         scoring: How the network's output becomes the score, as the service's ``scoring``
             section (None = its defaults: the prior plus 0.5 × the network's personalization
             residual, ``server/personalization.py``).
+        user_evidence: The service's ``user_evidence`` section (None = its defaults; with
+            ``enabled`` false none is added), applied to the user's earlier comparisons of
+            the stream.
         progress: Progress bars for training and for the replayed stream (stderr).
 
     Returns:
@@ -112,6 +118,10 @@ def simulate_replay(
     bt.refit()
     weight = QueryEvidenceSettings().weight
     scoring = scoring or ScoringSettings()
+    user_settings = user_evidence or UserEvidenceSettings()
+    # the user's earlier comparisons of the stream, newest last: their (winner, loser,
+    # weight) triples and query key
+    user_wins: dict[str, list[tuple[list[tuple[str, str, float]], str]]] = {}
     seen: dict[int, list[int]] = {}
     tally = ReplayTally()
     network_only = ReplayTally()
@@ -140,12 +150,17 @@ def simulate_replay(
                 score = base.global_bt + scoring.residual_weight * (diff - cold)
             else:
                 score = base.global_bt
+            if user_settings.enabled and user_wins.get(record.user_id):
+                score += _user_shift(user_wins[record.user_id], qkey, record, bt, user_settings)
             n_before = len(earlier)
             tally.add(score + evidence, record.outcome, n_before, record.user_id)
             network_only.add(diff, record.outcome, n_before, record.user_id)
             global_bt.add(base.global_bt, record.outcome, n_before, record.user_id)
             per_query_bt.add(base.per_query_bt, record.outcome, n_before, record.user_id)
         bt.update(record.user_id, record.model_a, record.model_b, record.outcome, query=qkey)
+        user_wins.setdefault(record.user_id, []).append(
+            (outcome_wins(record.model_a, record.model_b, record.outcome), qkey)
+        )
         earlier.append(i)
     summary = tally.summary()
     return {
@@ -161,6 +176,41 @@ def simulate_replay(
     }
 
 
+def _user_shift(
+    history: list[tuple[list[tuple[str, str, float]], str]],
+    qkey: str,
+    record: PreferenceRecord,
+    bt: OnlineBradleyTerry,
+    settings: UserEvidenceSettings,
+) -> float:
+    """The per-user evidence's shift of ``score(a) − score(b)``, as ``server/user_evidence.py``
+    computes it from the user's ``settings.max_comparisons`` most recent comparisons."""
+    recent = history[-settings.max_comparisons :]
+    same = [t for wins, key in recent if key == qkey for t in wins]
+    a, b = record.model_a, record.model_b
+    centre = (
+        per_query_strengths(
+            bt.query_games[qkey],
+            bt.theta,
+            (a, b),
+            prior_strength=QueryEvidenceSettings().prior_strength,
+        )
+        if same
+        else bt.theta
+    )
+    dev = user_deviation(
+        [t for wins, _ in recent for t in wins],
+        same,
+        bt.theta,
+        centre,
+        (a, b),
+        user_prior_strength=settings.user_prior_strength,
+        user_weight=settings.user_weight,
+        query_prior_strength=settings.query_prior_strength,
+    )
+    return dev[a] - dev[b]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (see the module docstring); prints one JSON object."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -173,6 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-query-evidence", action="store_true", help="no per-query evidence")
     ap.add_argument("--combine", choices=("residual", "network"), default="residual")
     ap.add_argument("--residual-weight", type=float, default=ScoringSettings().residual_weight)
+    ap.add_argument("--no-user-evidence", action="store_true", help="no per-user evidence")
+    ap.add_argument("--user-weight", type=float, default=UserEvidenceSettings().user_weight)
+    ap.add_argument(
+        "--user-query-prior-strength",
+        type=float,
+        default=UserEvidenceSettings().query_prior_strength,
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = simulate_replay(
@@ -184,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         history_cap=args.history_cap,
         query_evidence=not args.no_query_evidence,
         scoring=ScoringSettings(combine=args.combine, residual_weight=args.residual_weight),
+        user_evidence=UserEvidenceSettings(
+            enabled=not args.no_user_evidence,
+            user_weight=args.user_weight,
+            query_prior_strength=args.user_query_prior_strength,
+        ),
         progress=True,
     )
     print(json.dumps({"dataset": args.dataset, "seed": args.seed, **out}))

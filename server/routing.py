@@ -43,6 +43,7 @@ from server.domain import (
 from server.errors import InvalidRequestError
 from server.query_evidence import QueryEvidence, QueryEvidenceSource
 from server.scoring import Scorer, Scores
+from server.user_evidence import UserEvidence, UserEvidenceSource
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,8 @@ class RoutingService:
         executor: Thread pool for torch work.
         evidence: Per-query evidence added to the scores (``server/query_evidence.py``);
             None = none.
+        user_evidence: Per-user evidence added to the scores (``server/user_evidence.py``);
+            None = none.
     """
 
     def __init__(
@@ -79,11 +82,13 @@ class RoutingService:
         encoder: TextEncoder,
         executor: concurrent.futures.Executor,
         evidence: QueryEvidenceSource | None = None,
+        user_evidence: UserEvidenceSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.scorer = scorer
         self.evidence = evidence
+        self.user_evidence = user_evidence
         self.encoder = encoder
         self.executor = executor
         self._subscribers: dict[str, set[asyncio.Event]] = {}
@@ -147,19 +152,36 @@ class RoutingService:
         emb: npt.NDArray[np.float32],
         names: list[str],
         evidence: asyncio.Future[QueryEvidence | None] | None,
+        user_evidence: asyncio.Future[UserEvidence | None] | None,
     ) -> Scores:
-        """The scorer's scores plus the per-query evidence (``evidence``: its read, started
-        before the query was embedded, so that it overlaps the encode and the scorer)."""
+        """The scorer's scores plus the per-query and the per-user evidence (``evidence``,
+        ``user_evidence``: their reads, started before the query was embedded, so that they
+        overlap the encode and the scorer).
+
+        The per-user evidence counts once the user's comparisons read (two turns each) reach
+        ``sampler.min_history`` turns, as the network's personalization does.
+        """
         scored = await self.scorer.score(user_id, emb, names)
-        # shielded: a cancelled Select leaves the read to finish (see select())
+        # shielded: a cancelled Select leaves the reads to finish (see select())
         ev = await asyncio.shield(evidence) if evidence is not None else None
-        if ev is None:
+        uev = await asyncio.shield(user_evidence) if user_evidence is not None else None
+        scores, reasoning = dict(scored.scores), scored.reasoning
+        if ev is not None:
+            scores = {m: v + ev.deviation[m] for m, v in scores.items()}
+            reasoning = f"{reasoning}; {ev.describe()}"
+        if uev is not None:
+            min_turns = max(self.settings.sampler.min_history, 1)
+            if uev.error or not uev.comparisons or 2 * uev.comparisons >= min_turns:
+                scores = {m: v + uev.deviation[m] for m, v in scores.items()}
+                reasoning = f"{reasoning}; {uev.describe()}"
+            else:
+                reasoning = (
+                    f"{reasoning}; per-user evidence waits for {min_turns} turns "
+                    f"(the user's comparisons give {2 * uev.comparisons})"
+                )
+        if ev is None and uev is None:
             return scored
-        return dataclasses.replace(
-            scored,
-            scores={m: v + ev.deviation[m] for m, v in scored.scores.items()},
-            reasoning=f"{scored.reasoning}; {ev.describe()}",
-        )
+        return dataclasses.replace(scored, scores=scores, reasoning=reasoning)
 
     async def select(self, req: SelectQuery) -> Selection:
         """Score every candidate for this user and query; return the best.
@@ -179,15 +201,21 @@ class RoutingService:
             if self.evidence is not None and key
             else None
         )
+        user_evidence = (
+            asyncio.ensure_future(self.user_evidence.evidence(req.user_id, key, names, evidence))
+            if self.user_evidence is not None
+            else None
+        )
         try:
             emb = await self._embed(req.query, req.query_embedding)
-            scored = await self._score(req.user_id, emb, names, evidence)
+            scored = await self._score(req.user_id, emb, names, evidence, user_evidence)
         finally:
-            if evidence is not None:
-                # When the Select failed (or was cancelled) before it needed the evidence, the
-                # read is left to finish, not cancelled: a cancelled budgeted read counts as
-                # abandoned and would make Selects answer degraded until it ends.
-                evidence.add_done_callback(_retrieve)
+            # When the Select failed (or was cancelled) before it needed the evidence, the
+            # reads are left to finish, not cancelled: a cancelled budgeted read counts as
+            # abandoned and would make Selects answer degraded until it ends.
+            for task in (evidence, user_evidence):
+                if task is not None:
+                    task.add_done_callback(_retrieve)
         best = max(names, key=lambda m: (scored.scores[m], -names.index(m)))
         ordered = sorted(scored.scores.values(), reverse=True)
         margin = ordered[0] - ordered[1] if len(ordered) > 1 else math.inf
@@ -316,6 +344,8 @@ class RoutingService:
             self.scorer.invalidate(rec.user_id)
             if self.evidence is not None and c is not None:
                 self.evidence.invalidate(interaction.query_key)
+            if self.user_evidence is not None and c is not None:
+                self.user_evidence.invalidate(rec.user_id)
             self._notify(rec.user_id)
         return Recorded(result.interaction_id, result.duplicate)
 
@@ -342,6 +372,8 @@ class RoutingService:
         self.scorer.invalidate(user_id)
         if self.evidence is not None:
             self.evidence.clear()
+        if self.user_evidence is not None:
+            self.user_evidence.invalidate(user_id)
         self._notify(user_id)
         log.info("user deleted", user_id=user_id, deleted_interactions=deleted)
         return deleted

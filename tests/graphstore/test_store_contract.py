@@ -21,7 +21,13 @@ from neo4j import GraphDatabase
 
 from graphstore.errors import InvalidInteractionError, StoreUnavailableError
 from graphstore.factory import Neo4jCredentials
-from graphstore.interactions import Comparison, Interaction, PairCount, query_key
+from graphstore.interactions import (
+    Comparison,
+    Interaction,
+    PairCount,
+    UserComparison,
+    query_key,
+)
 from graphstore.neighbourhood import Neighbourhood
 from graphstore.neo4j_store import Neo4jGraphStore, rust_codec_active
 from graphstore.sqlite_store import SQLiteGraphStore
@@ -283,6 +289,40 @@ async def test_query_pair_counts_across_users_newest_first(store: GraphStore) ->
         PairCount("m-a", "m-b", 0.0, 1.0),
         PairCount("m-a", "m-c", 0.5, 0.5),
     ]
+
+
+async def test_user_comparisons_newest_first_with_query_keys(store: GraphStore) -> None:
+    q1, q2 = query_key("What is 2+2?"), query_key("Write a poem")
+
+    def on(n: int, key: str, user: str, winner: str, loser: str, tie: bool = False) -> Interaction:
+        it = make(n, user=user, session=f"s{n}", comparison=Comparison(winner, loser, tie))
+        return dataclasses.replace(it, query_key=key)
+
+    await store.record(
+        [
+            on(1, q1, "u1", "m-b", "m-a"),
+            on(2, q1, "u2", "m-b", "m-a"),  # another user's
+            on(3, q2, "u1", "m-a", "m-c", tie=True),
+            make(4),  # u1 without a comparison: not one
+            on(5, "", "u1", "m-c", "m-b"),  # recorded without a key
+        ]
+    )
+    assert await store.user_comparisons("u1", 10) == [
+        UserComparison("m-c", "m-b", False, ""),
+        UserComparison("m-a", "m-c", True, q2),
+        UserComparison("m-b", "m-a", False, q1),
+    ]
+    assert await store.user_comparisons("u1", 2) == [
+        UserComparison("m-c", "m-b", False, ""),
+        UserComparison("m-a", "m-c", True, q2),
+    ]
+    assert await store.user_comparisons("u2", 10) == [UserComparison("m-b", "m-a", False, q1)]
+    assert await store.user_comparisons("nobody", 10) == []
+    with pytest.raises(ValueError, match="limit"):
+        await store.user_comparisons("u1", 0)
+    await store.delete_user("u1")
+    assert await store.user_comparisons("u1", 10) == []
+    assert await store.user_comparisons("u2", 10) == [UserComparison("m-b", "m-a", False, q1)]
 
 
 async def test_concurrent_records_are_all_acknowledged_and_stored(store: GraphStore) -> None:
