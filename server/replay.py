@@ -42,6 +42,7 @@ from model.datasets import PreferenceRecord
 from model.metrics import history_trend
 from model.text_encoder import TextEncoder
 from server.config import QueryEvidenceSettings
+from server.heap import freeze_long_lived
 
 #: Buckets of "interactions the user had before this one" for the learning curve.
 CURVE_EDGES: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200)
@@ -337,6 +338,9 @@ async def replay(
                 await stub.RecordResponse(
                     _record_request(dataset, r, [float(x) for x in e], ""), timeout=deadline_s
                 )
+        # the records, the warm-started state (and, embedded, the server) live until the end:
+        # keep them out of the collector's full passes, which would stall Selects
+        freeze_long_lived()
         for i, r in enumerate(tqdm(order, desc=f"replay {dataset}", disable=not progress)):
             emb = [float(x) for x in emb_of[id(r)]]
             key = (r.user_id, r.session_id)

@@ -54,7 +54,8 @@ def _curve(result: dict[str, Any], name: str) -> list[Any]:
 
 
 async def test_served_prior_with_query_evidence_scores_as_per_query_bt() -> None:
-    m = (await _run({}))["methods"]
+    # the per-user evidence (server/user_evidence.py) has no baseline: off here
+    m = (await _run({"user_evidence": {"enabled": False}}))["methods"]
     assert m["gmtrouter"]["online_accuracy"] == pytest.approx(
         m["per_query_bt"]["online_accuracy"], abs=1e-9
     )
@@ -64,7 +65,7 @@ async def test_served_prior_with_query_evidence_scores_as_per_query_bt() -> None
 
 
 async def test_served_prior_without_query_evidence_scores_as_global_bt() -> None:
-    result = await _run({"query_evidence": {"enabled": False}})
+    result = await _run({"query_evidence": {"enabled": False}, "user_evidence": {"enabled": False}})
     m = result["methods"]
     assert m["gmtrouter"]["online_accuracy"] == pytest.approx(
         m["global_bt"]["online_accuracy"], abs=1e-9

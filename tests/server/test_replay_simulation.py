@@ -7,7 +7,7 @@ import torch
 from model.datasets.splits import holdout_users
 from model.synthetic import HashEncoder, planted_preferences
 from model.training import TrainConfig
-from server.config import ScoringSettings
+from server.config import ScoringSettings, UserEvidenceSettings
 from server.replay import CURVE_EDGES
 from server.replay_simulation import simulate_replay
 
@@ -26,7 +26,7 @@ def test_simulation_scores_the_held_out_non_tied_pairs_with_their_history() -> N
     # The planted preferences are per user: history is what makes them predictable.
     assert with_history["online_accuracy"] > without["online_accuracy"] + 0.1
     assert with_history["network_only_accuracy"] > without["network_only_accuracy"] + 0.1
-    # The network's logits without the per-query evidence: the network alone.
+    # The network's logits without the per-query and per-user evidence: the network alone.
     alone = simulate_replay(
         records,
         HashEncoder(dim=16),
@@ -34,6 +34,7 @@ def test_simulation_scores_the_held_out_non_tied_pairs_with_their_history() -> N
         seed=0,
         query_evidence=False,
         scoring=ScoringSettings(combine="network"),
+        user_evidence=UserEvidenceSettings(enabled=False),
     )
     assert alone["online_accuracy"] == alone["network_only_accuracy"]
     assert alone["network_only_accuracy"] == with_history["network_only_accuracy"]
