@@ -35,7 +35,7 @@ Uniqueness constraints (created idempotently by :meth:`Neo4jGraphStore.open`) on
 ``User.user_id``, ``LLM.name``, ``Query.interaction_id``, ``Query.idempotency_key``,
 ``Response.response_id``, ``Turn.turn_id`` and ``PairCount(model_a, model_b)``; range indexes
 on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, session_id)``,
-``Query.user_id`` and ``Query(query_key, ts)``.
+``Query.user_id``, ``Query(query_key, ts)`` and ``Query(user_id, ts)``.
 
 Writes: concurrent :meth:`~Neo4jGraphStore.record` calls are grouped into one managed write
 transaction (group commit); a call returns once the transaction holding its rows has

@@ -96,6 +96,14 @@ def fit_bradley_terry(
     return {m: float(theta[i]) for m, i in names.items()}
 
 
+def comparison_wins(winner: str, loser: str, tie: bool = False) -> list[tuple[str, str, float]]:
+    """One comparison as the ``(winner, loser, weight)`` triples :func:`fit_bradley_terry`
+    takes: one of weight 1, or for a tie two of weight 0.5."""
+    if tie:
+        return [(winner, loser, 0.5), (loser, winner, 0.5)]
+    return [(winner, loser, 1.0)]
+
+
 def win_probability(theta_a: float, theta_b: float) -> float:
     """P(a beats b) = sigmoid(θ_a − θ_b), in [0, 1]."""
     return float(1.0 / (1.0 + np.exp(-(theta_a - theta_b))))
@@ -228,8 +236,11 @@ def user_deviation(
             out[m] += user_weight * (fit[m] - float(theta.get(m, 0.0)))
     same_query = list(user_query_wins)
     if same_query:
-        centre = {m: float(query_theta.get(m, theta.get(m, 0.0))) for m in names}
+        # every model the user compared is centred: on the query's strength, else the global
+        centre = {m: float(v) for m, v in theta.items()}
         centre.update({m: float(v) for m, v in query_theta.items()})
+        for m in names:
+            centre.setdefault(m, 0.0)
         fit = fit_bradley_terry(
             same_query,
             prior_strength=query_prior_strength,

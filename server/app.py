@@ -31,11 +31,12 @@ from grpc_reflection.v1alpha import reflection
 from gmtrouter.v1 import router_pb2, router_pb2_grpc
 from graphstore.errors import StoreUnavailableError
 from graphstore.factory import Neo4jCredentials, create_store
+from graphstore.interactions import query_key
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder
 from server.config import Settings
 from server.degraded import CALL_DEADLINE, BudgetedStore, DegradingScorer, SnapshotPriorScorer
-from server.heap import freeze_long_lived
+from server.heap import freeze_long_lived, thaw
 from server.metrics import InstrumentedStore, Metrics
 from server.query_evidence import QueryEvidenceSource
 from server.routing import RoutingService
@@ -271,6 +272,7 @@ class RouterServer:
         #: Online learning (``server/learning.py``); None without a network checkpoint.
         self.learner: OnlineLearner | None = None
         self.port = 0
+        self._froze = False  # start() froze the heap (server/heap.py): stop() thaws it
         #: Bound port of the /metrics endpoint (0 when off or not bound).
         self.metrics_port = 0
 
@@ -367,6 +369,7 @@ class RouterServer:
             # everything loaded so far lives as long as the process: keep it out of the
             # collector's full passes, which otherwise stall the event loop ~0.5 s
             freeze_long_lived()
+            self._froze = True
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -394,6 +397,8 @@ class RouterServer:
         await self.store.close()
         self.metrics.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self._froze:
+            thaw()
         log.info("stopped")
 
 
@@ -422,6 +427,10 @@ async def _warm_store_reads(store: GraphStore, settings: Settings) -> None:
         await store.user_version("__warm_up__")
         await store.neighbourhood("__warm_up__", s.hops, s.fan_out)
         await store.pair_counts()
+        await store.query_pair_counts(
+            query_key("__warm_up__"), settings.query_evidence.max_comparisons
+        )
+        await store.user_comparisons("__warm_up__", settings.user_evidence.max_comparisons)
     except StoreUnavailableError as exc:
         log.warning("store reads not warmed up", error=str(exc))
 

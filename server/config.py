@@ -326,7 +326,7 @@ class UserEvidenceSettings(_Section):
         "the global and the per-query ones.",
     )
     max_comparisons: int = Field(
-        256, ge=1, le=100_000, description="Most recent comparisons of the user read."
+        256, ge=1, le=10_000, description="Most recent comparisons of the user read."
     )
     user_weight: float = Field(
         0.0,

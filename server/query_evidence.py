@@ -31,11 +31,9 @@ addition of ours.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import functools
-import time
 from collections.abc import Sequence
 
 import structlog
@@ -45,6 +43,7 @@ from graphstore.interactions import PairCount
 from graphstore.store import GraphStore
 from model.bradley_terry import per_query_strengths
 from server.config import QueryEvidenceSettings
+from server.read_cache import ReadCache
 from server.scoring import PriorScorer, pair_count_wins
 
 log = structlog.get_logger(__name__)
@@ -106,27 +105,14 @@ class QueryEvidenceSource:
         self.store = store
         self.prior = prior
         self.executor = executor
-        # key -> (monotonic time the read started, counts), LRU
-        self._counts: collections.OrderedDict[str, tuple[float, list[PairCount]]] = (
-            collections.OrderedDict()
-        )
+        self._counts: ReadCache[str, list[PairCount]] = ReadCache(settings.max_age_ms, CACHE_SIZE)
         # key -> (counts, global strengths, θ_q): the last fit, reused while neither changed
         self._fits: dict[str, tuple[list[PairCount], dict[str, float], dict[str, float]]] = {}
 
     async def _read(self, key: str) -> list[PairCount]:
-        max_age_s = self.settings.max_age_ms / 1000.0
-        hit = self._counts.get(key)
-        if hit is not None and time.monotonic() - hit[0] < max_age_s:
-            self._counts.move_to_end(key)
-            return hit[1]
-        started = time.monotonic()
-        counts = await self.store.query_pair_counts(key, self.settings.max_comparisons)
-        if max_age_s > 0:
-            self._counts[key] = (started, counts)
-            self._counts.move_to_end(key)
-            while len(self._counts) > CACHE_SIZE:
-                self._fits.pop(self._counts.popitem(last=False)[0], None)
-        return counts
+        return await self._counts.get(
+            key, lambda: self.store.query_pair_counts(key, self.settings.max_comparisons)
+        )
 
     async def evidence(self, key: str, candidates: Sequence[str]) -> QueryEvidence | None:
         """The evidence for a query with key ``key`` (None when off or ``key`` is "").
@@ -162,8 +148,10 @@ class QueryEvidenceSource:
                 prior_strength=self.settings.prior_strength,
             )
             strengths = await asyncio.get_running_loop().run_in_executor(self.executor, fit)
-            if key in self._counts:  # cached counts: the fit may be reused with them
+            if self._counts.cached(key):  # cached counts: the fit may be reused with them
                 self._fits[key] = (counts, theta, strengths)
+                while len(self._fits) > CACHE_SIZE:
+                    del self._fits[next(iter(self._fits))]
         w = self.settings.weight
         return QueryEvidence(
             {m: w * (strengths[m] - float(theta.get(m, 0.0))) for m in candidates},
@@ -173,7 +161,7 @@ class QueryEvidenceSource:
 
     def invalidate(self, key: str) -> None:
         """A comparison of the query ``key`` was recorded through this replica."""
-        self._counts.pop(key, None)
+        self._counts.invalidate(key)
         self._fits.pop(key, None)
 
     def clear(self) -> None:

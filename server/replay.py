@@ -36,13 +36,13 @@ from tqdm import tqdm
 from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc as pb_grpc
 from graphstore.interactions import query_key
-from model.bradley_terry import fit_bradley_terry, per_query_deviation
+from model.bradley_terry import comparison_wins, fit_bradley_terry, per_query_deviation
 from model.data import embed_texts
 from model.datasets import PreferenceRecord
 from model.metrics import history_trend
 from model.text_encoder import TextEncoder
 from server.config import QueryEvidenceSettings
-from server.heap import freeze_long_lived
+from server.heap import freeze_long_lived, thaw
 
 #: Buckets of "interactions the user had before this one" for the learning curve.
 CURVE_EDGES: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100, 200)
@@ -105,11 +105,9 @@ class BaselineScores(NamedTuple):
 def outcome_wins(a: str, b: str, outcome: str) -> list[tuple[str, str, float]]:
     """One comparison of ``a`` and ``b`` as ``(winner, loser, weight)`` triples
     (``outcome`` ∈ {"a", "b", "tie"}; a tie is two triples of weight 0.5)."""
-    if outcome == "a":
-        return [(a, b, 1.0)]
     if outcome == "b":
-        return [(b, a, 1.0)]
-    return [(a, b, 0.5), (b, a, 0.5)]
+        return comparison_wins(b, a)
+    return comparison_wins(a, b, tie=outcome != "a")
 
 
 class OnlineBradleyTerry:
@@ -341,45 +339,47 @@ async def replay(
         # the records, the warm-started state (and, embedded, the server) live until the end:
         # keep them out of the collector's full passes, which would stall Selects
         freeze_long_lived()
-        for i, r in enumerate(tqdm(order, desc=f"replay {dataset}", disable=not progress)):
-            emb = [float(x) for x in emb_of[id(r)]]
-            key = (r.user_id, r.session_id)
-            t0 = time.perf_counter()
-            sel = await stub.Select(
-                pb.SelectRequest(
-                    user_id=r.user_id,
-                    session_id=r.session_id,
-                    query=r.query_text,
-                    query_embedding=emb,
-                    conversation_history=history[key],
-                    candidate_models=[
-                        pb.CandidateModel(model=r.model_a),
-                        pb.CandidateModel(model=r.model_b),
-                    ],
-                    request_id=f"replay-{i}",
-                ),
-                timeout=deadline_s,
-            )
-            tallies["gmtrouter"].latencies_ms.append((time.perf_counter() - t0) * 1e3)
-            methods[sel.method] += 1
-            versions.add(sel.model_version)
-            before = seen[r.user_id]
-            tallies["gmtrouter"].add(
-                sel.all_scores[r.model_a] - sel.all_scores[r.model_b], r.outcome, before, r.user_id
-            )
-            t1 = time.perf_counter()
-            qkey = query_key(r.query_text)
-            baselines = bt.predict(r.user_id, r.model_a, r.model_b, qkey)
-            spent = (time.perf_counter() - t1) * 1e3
-            for name, diff in baselines._asdict().items():
-                tallies[name].latencies_ms.append(spent)
-                tallies[name].add(diff, r.outcome, before, r.user_id)
-            await stub.RecordResponse(
-                _record_request(dataset, r, emb, sel.interaction_id), timeout=deadline_s
-            )
-            bt.update(r.user_id, r.model_a, r.model_b, r.outcome, query=qkey)
-            seen[r.user_id] += 1
-            history[key].append(r.query_text)
+        try:
+            for i, r in enumerate(tqdm(order, desc=f"replay {dataset}", disable=not progress)):
+                emb = [float(x) for x in emb_of[id(r)]]
+                key = (r.user_id, r.session_id)
+                t0 = time.perf_counter()
+                sel = await stub.Select(
+                    pb.SelectRequest(
+                        user_id=r.user_id,
+                        session_id=r.session_id,
+                        query=r.query_text,
+                        query_embedding=emb,
+                        conversation_history=history[key],
+                        candidate_models=[
+                            pb.CandidateModel(model=r.model_a),
+                            pb.CandidateModel(model=r.model_b),
+                        ],
+                        request_id=f"replay-{i}",
+                    ),
+                    timeout=deadline_s,
+                )
+                tallies["gmtrouter"].latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                methods[sel.method] += 1
+                versions.add(sel.model_version)
+                before = seen[r.user_id]
+                diff = sel.all_scores[r.model_a] - sel.all_scores[r.model_b]
+                tallies["gmtrouter"].add(diff, r.outcome, before, r.user_id)
+                t1 = time.perf_counter()
+                qkey = query_key(r.query_text)
+                baselines = bt.predict(r.user_id, r.model_a, r.model_b, qkey)
+                spent = (time.perf_counter() - t1) * 1e3
+                for name, diff in baselines._asdict().items():
+                    tallies[name].latencies_ms.append(spent)
+                    tallies[name].add(diff, r.outcome, before, r.user_id)
+                await stub.RecordResponse(
+                    _record_request(dataset, r, emb, sel.interaction_id), timeout=deadline_s
+                )
+                bt.update(r.user_id, r.model_a, r.model_b, r.outcome, query=qkey)
+                seen[r.user_id] += 1
+                history[key].append(r.query_text)
+        finally:
+            thaw()  # what the replay froze may be collected once it is over
     return {
         "dataset": dataset,
         "seed": seed,

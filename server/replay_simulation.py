@@ -151,7 +151,9 @@ def simulate_replay(
             else:
                 score = base.global_bt
             if user_settings.enabled and user_wins.get(record.user_id):
-                score += _user_shift(user_wins[record.user_id], qkey, record, bt, user_settings)
+                score += _user_shift(
+                    user_wins[record.user_id], qkey, record, bt, user_settings, query_evidence
+                )
             n_before = len(earlier)
             tally.add(score + evidence, record.outcome, n_before, record.user_id)
             network_only.add(diff, record.outcome, n_before, record.user_id)
@@ -182,20 +184,24 @@ def _user_shift(
     record: PreferenceRecord,
     bt: OnlineBradleyTerry,
     settings: UserEvidenceSettings,
+    query_evidence: bool,
 ) -> float:
     """The per-user evidence's shift of ``score(a) − score(b)``, as ``server/user_evidence.py``
-    computes it from the user's ``settings.max_comparisons`` most recent comparisons."""
+    computes it from the user's ``settings.max_comparisons`` most recent comparisons (centred
+    on the query's strengths when the per-query evidence is on, else on the global ones; the
+    ``sampler.min_history`` gate is not modelled: at its default, 1, it never holds back a
+    user with a comparison)."""
     recent = history[-settings.max_comparisons :]
-    same = [t for wins, key in recent if key == qkey for t in wins]
+    same = [t for wins, key in recent if qkey and key == qkey for t in wins]
     a, b = record.model_a, record.model_b
     centre = (
         per_query_strengths(
-            bt.query_games[qkey],
+            bt.query_games.get(qkey, []),
             bt.theta,
             (a, b),
             prior_strength=QueryEvidenceSettings().prior_strength,
         )
-        if same
+        if same and query_evidence
         else bt.theta
     )
     dev = user_deviation(

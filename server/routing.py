@@ -159,7 +159,8 @@ class RoutingService:
         overlap the encode and the scorer).
 
         The per-user evidence counts once the user's comparisons read (two turns each) reach
-        ``sampler.min_history`` turns, as the network's personalization does.
+        ``sampler.min_history`` turns (or fill ``user_evidence.max_comparisons``); the network's
+        personalization counts all the user's turns, comparisons or not.
         """
         scored = await self.scorer.score(user_id, emb, names)
         # shielded: a cancelled Select leaves the reads to finish (see select())
@@ -171,7 +172,12 @@ class RoutingService:
             reasoning = f"{reasoning}; {ev.describe()}"
         if uev is not None:
             min_turns = max(self.settings.sampler.min_history, 1)
-            if uev.error or not uev.comparisons or 2 * uev.comparisons >= min_turns:
+            enough = (
+                2 * uev.comparisons >= min_turns
+                # a full read: the user has at least this many comparisons, maybe more
+                or uev.comparisons >= self.settings.user_evidence.max_comparisons
+            )
+            if uev.error or not uev.comparisons or enough:
                 scores = {m: v + uev.deviation[m] for m, v in scores.items()}
                 reasoning = f"{reasoning}; {uev.describe()}"
             else:

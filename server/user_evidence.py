@@ -31,11 +31,9 @@ README → Results.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import functools
-import time
 from collections.abc import Sequence
 
 import structlog
@@ -43,9 +41,10 @@ import structlog
 from graphstore.errors import StoreUnavailableError
 from graphstore.interactions import UserComparison
 from graphstore.store import GraphStore
-from model.bradley_terry import user_deviation
+from model.bradley_terry import comparison_wins, user_deviation
 from server.config import UserEvidenceSettings
 from server.query_evidence import QueryEvidence
+from server.read_cache import ReadCache
 from server.scoring import PriorScorer
 
 log = structlog.get_logger(__name__)
@@ -54,15 +53,9 @@ log = structlog.get_logger(__name__)
 CACHE_SIZE = 10_000
 
 
-def comparison_wins(comparisons: Sequence[UserComparison]) -> list[tuple[str, str, float]]:
+def user_wins(comparisons: Sequence[UserComparison]) -> list[tuple[str, str, float]]:
     """Comparisons as ``(winner, loser, weight)`` triples (a tie: two of weight 0.5)."""
-    out: list[tuple[str, str, float]] = []
-    for c in comparisons:
-        if c.tie:
-            out += [(c.winner_model, c.loser_model, 0.5), (c.loser_model, c.winner_model, 0.5)]
-        else:
-            out.append((c.winner_model, c.loser_model, 1.0))
-    return out
+    return [t for c in comparisons for t in comparison_wins(c.winner_model, c.loser_model, c.tie)]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,27 +109,16 @@ class UserEvidenceSource:
         self.store = store
         self.prior = prior
         self.executor = executor
-        # user -> (monotonic time the read started, comparisons), LRU
-        self._comparisons: collections.OrderedDict[str, tuple[float, list[UserComparison]]] = (
-            collections.OrderedDict()
+        self._comparisons: ReadCache[str, list[UserComparison]] = ReadCache(
+            settings.max_age_ms, CACHE_SIZE
         )
-        # user -> the last fit: its inputs (compared by identity) and its deviations
+        # user -> the last fit: its inputs (compared by identity or value) and its deviations
         self._fits: dict[str, tuple[tuple[object, ...], dict[str, float]]] = {}
 
     async def _read(self, user_id: str) -> list[UserComparison]:
-        max_age_s = self.settings.max_age_ms / 1000.0
-        hit = self._comparisons.get(user_id)
-        if hit is not None and time.monotonic() - hit[0] < max_age_s:
-            self._comparisons.move_to_end(user_id)
-            return hit[1]
-        started = time.monotonic()
-        rows = await self.store.user_comparisons(user_id, self.settings.max_comparisons)
-        if max_age_s > 0:
-            self._comparisons[user_id] = (started, rows)
-            self._comparisons.move_to_end(user_id)
-            while len(self._comparisons) > CACHE_SIZE:
-                self._fits.pop(self._comparisons.popitem(last=False)[0], None)
-        return rows
+        return await self._comparisons.get(
+            user_id, lambda: self.store.user_comparisons(user_id, self.settings.max_comparisons)
+        )
 
     async def evidence(
         self,
@@ -183,8 +165,8 @@ class UserEvidenceSource:
             return UserEvidence(last[1], len(rows), len(same))
         fit = functools.partial(
             user_deviation,
-            comparison_wins(rows),
-            comparison_wins(same),
+            user_wins(rows),
+            user_wins(same),
             dict(theta),
             dict(centre),
             list(candidates),
@@ -193,11 +175,13 @@ class UserEvidenceSource:
             query_prior_strength=s.query_prior_strength,
         )
         dev = await asyncio.get_running_loop().run_in_executor(self.executor, fit)
-        if user_id in self._comparisons:  # cached comparisons: the fit may be reused with them
+        if self._comparisons.cached(user_id):  # cached rows: the fit may be reused with them
             self._fits[user_id] = (inputs, dev)
+            while len(self._fits) > CACHE_SIZE:
+                del self._fits[next(iter(self._fits))]
         return UserEvidence(dev, len(rows), len(same))
 
     def invalidate(self, user_id: str) -> None:
         """A comparison of ``user_id`` was recorded (or the user deleted) through this replica."""
-        self._comparisons.pop(user_id, None)
+        self._comparisons.invalidate(user_id)
         self._fits.pop(user_id, None)

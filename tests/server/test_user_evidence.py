@@ -64,6 +64,8 @@ async def _teach(stub: Any) -> None:
         for winner, loser in (("a", "b"), ("b", "c")):
             await _compare(stub, "judge", QUESTION, winner, loser, n)
             n += 1
+    # the judge's verdict elsewhere is not a verdict on QUESTION
+    await _compare(stub, "judge", "another question", "c", "a", n)
 
 
 async def test_the_users_own_verdicts_on_a_question_decide_an_unseen_pair() -> None:
@@ -78,7 +80,7 @@ async def test_the_users_own_verdicts_on_a_question_decide_an_unseen_pair() -> N
         assert "no earlier comparison of this user" in newcomer.reasoning
         judge = await _select(stub, "judge")
         assert judge.selected_model == "a", judge.reasoning
-        assert "per-user evidence from the user's 4 most recent comparisons (4 of this query)" in (
+        assert "per-user evidence from the user's 5 most recent comparisons (4 of this query)" in (
             judge.reasoning
         )
         # the shift is exactly user_deviation's, on top of the per-query strengths
@@ -98,22 +100,26 @@ async def test_the_users_own_verdicts_on_a_question_decide_an_unseen_pair() -> N
         for m in ("a", "c"):
             assert judge.all_scores[m] == pytest.approx(centre[m] + dev[m], abs=1e-4)
             assert newcomer.all_scores[m] == pytest.approx(centre[m], abs=1e-4)
-        # the judge's verdicts on other questions do not count as verdicts on this one
         rows = await app.store.user_comparisons("judge", 10)
-        assert rows[0] == UserComparison("b", "c", False, rows[0].query_key)
-        assert {r.query_key for r in rows} == {rows[0].query_key}
+        assert [(r.winner_model, r.loser_model) for r in rows[:2]] == [("c", "a"), ("b", "c")]
+        assert len({r.query_key for r in rows}) == 2
+        # DeleteUser forgets the judge's evidence at once (despite user_evidence.max_age_ms)
+        await stub.DeleteUser(pb.DeleteUserRequest(user_id="judge"))
+        gone = await _select(stub, "judge")
+        assert gone.selected_model == "c"
+        assert "no earlier comparison of this user" in gone.reasoning
 
 
 async def test_min_history_and_switching_it_off() -> None:
     async with (
-        running(config={"sampler": {"min_history": 10}}) as app,
+        running(config={"sampler": {"min_history": 12}}) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
     ):
         stub = pb_grpc.RouterServiceStub(channel)
         await _teach(stub)
         judge = await _select(stub, "judge")
         assert judge.selected_model == "c"
-        assert "per-user evidence waits for 10 turns (the user's comparisons give 8)" in (
+        assert "per-user evidence waits for 12 turns (the user's comparisons give 10)" in (
             judge.reasoning
         )
         await _compare(stub, "judge", "another question", "a", "c", 500)
