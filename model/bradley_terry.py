@@ -198,7 +198,9 @@ def user_deviation(
       (every user's outcomes on it, :func:`per_query_strengths`; ``query_prior_strength``
       virtual games), contributing ``θ_uq[m] − θ_q[m]``. The user's earlier verdicts on other
       pairs of this query's answers reach the candidates through the fit (a beat b, b beat c
-      ⇒ a ahead of c).
+      ⇒ a ahead of c). The user's verdicts on the query count in θ_q as well (it is fitted on
+      every user's): the user-level fit moves the user away from the crowd only as far as
+      their own verdicts differ from it.
 
     Not in the GMTRouter paper: an addition of ours (``server/user_evidence.py``), measured
     in README → Results.
@@ -218,10 +220,15 @@ def user_deviation(
     Raises:
         ValueError: a negative prior strength or weight.
     """
+    for name, value in (
+        ("user_weight", user_weight),
+        ("user_prior_strength", user_prior_strength),
+        ("query_prior_strength", query_prior_strength),
+    ):
+        if value < 0:
+            raise ValueError(f"{name} (got {value}) must be >= 0")
     names = list(dict.fromkeys(candidates))
     out = {m: 0.0 for m in names}
-    if user_weight < 0:
-        raise ValueError(f"user_weight (got {user_weight}) must be >= 0")
     overall = list(user_wins)
     if overall and user_weight > 0:
         fit = fit_bradley_terry(

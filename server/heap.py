@@ -50,5 +50,6 @@ def freeze_long_lived() -> int:
 def thaw() -> None:
     """Undo :func:`freeze_long_lived` (``gc.unfreeze``): for a server or replay that ends
     while its process goes on (tests, an embedded server), so that what it froze can be
-    collected."""
+    collected. It thaws the whole process: another server still running in it goes back to
+    slower full collections (never to wrong answers)."""
     gc.unfreeze()

@@ -24,7 +24,8 @@ class ReadCache(Generic[K, V]):
 
     Args:
         max_age_ms: How long a value is reused, in ms; 0 = never cached.
-        size: Keys kept at most (the least recently used are dropped).
+        size: Keys kept at most (the least recently used are dropped; so are expired values
+            at the least recently used end whenever a value is stored).
     """
 
     def __init__(self, max_age_ms: float, size: int) -> None:
@@ -61,6 +62,10 @@ class ReadCache(Generic[K, V]):
             self._values[key] = (started, value)
             self._values.move_to_end(key)
             while len(self._values) > self.size:
+                self._values.popitem(last=False)
+            # expired values are never used again: drop those at the cold end
+            now = time.monotonic()
+            while self._values and now - next(iter(self._values.values()))[0] >= self.max_age_s:
                 self._values.popitem(last=False)
         return value
 

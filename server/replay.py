@@ -363,8 +363,8 @@ async def replay(
                 methods[sel.method] += 1
                 versions.add(sel.model_version)
                 before = seen[r.user_id]
-                diff = sel.all_scores[r.model_a] - sel.all_scores[r.model_b]
-                tallies["gmtrouter"].add(diff, r.outcome, before, r.user_id)
+                served = sel.all_scores[r.model_a] - sel.all_scores[r.model_b]
+                tallies["gmtrouter"].add(served, r.outcome, before, r.user_id)
                 t1 = time.perf_counter()
                 qkey = query_key(r.query_text)
                 baselines = bt.predict(r.user_id, r.model_a, r.model_b, qkey)

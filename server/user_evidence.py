@@ -34,6 +34,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import functools
+import sys
 from collections.abc import Sequence
 
 import structlog
@@ -49,8 +50,9 @@ from server.scoring import PriorScorer
 
 log = structlog.get_logger(__name__)
 
-#: Users whose comparisons one replica keeps (LRU).
-CACHE_SIZE = 10_000
+#: Users whose comparisons one replica keeps (LRU; expired ones are dropped): at 256
+#: comparisons each, about 20 KB per user.
+CACHE_SIZE = 2_000
 
 
 def user_wins(comparisons: Sequence[UserComparison]) -> list[tuple[str, str, float]]:
@@ -65,8 +67,8 @@ class UserEvidence:
     Attributes:
         deviation: candidate → score shift in log-strength units (all 0.0 without
             comparisons).
-        comparisons: The user's comparisons it rests on.
-        same_query: Of those, comparisons of this query.
+        comparisons: Number of the user's comparisons it rests on.
+        same_query: Number of those that compared answers to this query.
         error: Why no evidence could be read ("" when it was).
     """
 
@@ -116,9 +118,20 @@ class UserEvidenceSource:
         self._fits: dict[str, tuple[tuple[object, ...], dict[str, float]]] = {}
 
     async def _read(self, user_id: str) -> list[UserComparison]:
-        return await self._comparisons.get(
-            user_id, lambda: self.store.user_comparisons(user_id, self.settings.max_comparisons)
-        )
+        async def read() -> list[UserComparison]:
+            rows = await self.store.user_comparisons(user_id, self.settings.max_comparisons)
+            # one copy of each model name and query key across every cached user
+            return [
+                UserComparison(
+                    sys.intern(r.winner_model),
+                    sys.intern(r.loser_model),
+                    r.tie,
+                    sys.intern(r.query_key),
+                )
+                for r in rows
+            ]
+
+        return await self._comparisons.get(user_id, read)
 
     async def evidence(
         self,
@@ -127,20 +140,27 @@ class UserEvidenceSource:
         candidates: Sequence[str],
         query: asyncio.Future[QueryEvidence | None] | None = None,
     ) -> UserEvidence | None:
-        """The user's evidence for a query with key ``key`` ("" = no same-query term).
+        """The user's evidence for one Select.
 
         Args:
+            user_id: The requesting user.
+            key: The query's :func:`~graphstore.interactions.query_key` ("" = no query text:
+                no same-query term).
+            candidates: The candidate models, in order.
             query: The per-query evidence of this Select (its ``strengths`` centre the
                 same-query term; the global strengths when None, off or empty). Awaited
                 shielded: cancelling this leaves it running.
 
         Returns:
-            None when switched off. Never raises for a store failure: the result then
-            carries ``error`` and zero deviations.
+            None when switched off, or when nothing could count (``key`` "" and
+            ``user_weight`` 0: no store read then). Never raises for a store failure: the
+            result then carries ``error`` and zero deviations.
         """
         if not self.settings.enabled:
             return None
         zero = {m: 0.0 for m in candidates}
+        if not key and self.settings.user_weight == 0:
+            return None  # no same-query term and no taste term: nothing to read
         try:
             rows = await self._read(user_id)
             if not rows:

@@ -62,3 +62,15 @@ def test_more_prior_games_never_move_the_user_further(
     spread_strong = max(strong.values()) - min(strong.values())
     assert spread_strong <= spread_weak + 1e-6
     assert all(abs(v) < 10 for v in weak.values())
+
+
+def test_a_model_the_user_compared_is_centred_on_its_strength_whether_candidate_or_not() -> None:
+    """The same-query fit centres every model the user compared (on the query's strength, else
+    the global one), so a candidate's deviation does not depend on the other candidates."""
+    theta = {"a": -0.2, "b": 0.8, "c": 0.4}
+    query_theta = {"a": 0.1, "c": 0.2}  # b: no games of the query, keeps its global strength
+    verdicts = [("a", "b", 1.0), ("b", "c", 1.0)] * 2
+    two = user_deviation(verdicts, verdicts, theta, query_theta, ["a", "c"])
+    three = user_deviation(verdicts, verdicts, theta, query_theta, ["a", "b", "c"])
+    assert two["a"] == pytest.approx(three["a"], abs=1e-6)
+    assert two["c"] == pytest.approx(three["c"], abs=1e-6)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 from server.read_cache import ReadCache
 
 
@@ -54,3 +56,17 @@ async def test_a_read_in_flight_during_an_invalidation_is_not_cached() -> None:
         cache.invalidate("u")
         started.clear()
         release.clear()
+
+
+async def test_a_failed_read_caches_nothing() -> None:
+    cache: ReadCache[str, str] = ReadCache(max_age_ms=60_000, size=10)
+
+    async def broken() -> str:
+        raise OSError("store down")
+
+    for _ in range(2):  # and leaves nothing in flight behind: the next read is cached
+        with pytest.raises(OSError, match="store down"):
+            await cache.get("k", broken)
+        assert not cache.cached("k")
+    assert await cache.get("k", lambda: asyncio.sleep(0, "ok")) == "ok"
+    assert cache.cached("k")

@@ -124,6 +124,19 @@ async def test_min_history_and_switching_it_off() -> None:
         )
         await _compare(stub, "judge", "another question", "a", "c", 500)
         assert (await _select(stub, "judge")).selected_model == "a"
+    # a full read (max_comparisons) counts as enough: the user has at least that many
+    async with (
+        running(
+            config={"sampler": {"min_history": 12}, "user_evidence": {"max_comparisons": 3}}
+        ) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = pb_grpc.RouterServiceStub(channel)
+        await _teach(stub)
+        judge = await _select(stub, "judge")
+        assert "per-user evidence from the user's 3 most recent comparisons (2 of this query)" in (
+            judge.reasoning
+        )
     async with (
         running(config={"user_evidence": {"enabled": False}}) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
