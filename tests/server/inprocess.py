@@ -37,6 +37,23 @@ def select_request(user: str = "u1") -> pb.SelectRequest:
     )
 
 
+async def record_comparison(
+    stub: Any, user: str, query: str, winner: str, loser: str, n: int
+) -> None:
+    """Record through ``stub`` (an async RouterService stub) that ``user``, asking ``query``
+    in session ``<user>-s<n>``, preferred ``winner`` to ``loser``; asserts it was new."""
+    resp = await stub.RecordResponse(
+        pb.RecordResponseRequest(
+            user_id=user,
+            session_id=f"{user}-s{n}",
+            query=query,
+            query_embedding=emb(n),
+            comparison=pb.Comparison(winner_model=winner, loser_model=loser),
+        )
+    )
+    assert not resp.duplicate
+
+
 @asynccontextmanager
 async def running(
     server: Mapping[str, Any] | None = None,

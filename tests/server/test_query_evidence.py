@@ -20,23 +20,10 @@ from graphstore.errors import StoreUnavailableError
 from graphstore.interactions import PairCount
 from graphstore.sqlite_store import SQLiteGraphStore
 from model.bradley_terry import fit_bradley_terry, per_query_deviation
-from tests.server.inprocess import DIM, emb, running
+from tests.server.inprocess import DIM, emb, record_comparison, running
 
 QUESTION = "Explain quicksort to a five-year-old."
 CANDIDATES = [pb.CandidateModel(model="a"), pb.CandidateModel(model="b")]
-
-
-async def _compare(stub: Any, user: str, query: str, winner: str, loser: str, n: int) -> None:
-    resp = await stub.RecordResponse(
-        pb.RecordResponseRequest(
-            user_id=user,
-            session_id=f"{user}-s{n}",
-            query=query,
-            query_embedding=emb(n),
-            comparison=pb.Comparison(winner_model=winner, loser_model=loser),
-        )
-    )
-    assert not resp.duplicate
 
 
 async def _select(stub: Any, query: str) -> pb.SelectResponse:
@@ -53,12 +40,12 @@ async def _select(stub: Any, query: str) -> pb.SelectResponse:
 
 async def _teach_global(stub: Any) -> None:
     for i in range(12):
-        await _compare(stub, f"g{i % 4}", f"general question {i}", "a", "b", i)
+        await record_comparison(stub, f"g{i % 4}", f"general question {i}", "a", "b", i)
 
 
 async def _teach_question(stub: Any) -> None:
     for i in range(8):
-        await _compare(stub, f"q{i}", QUESTION, "b", "a", 100 + i)
+        await record_comparison(stub, f"q{i}", QUESTION, "b", "a", 100 + i)
 
 
 async def test_other_users_outcomes_on_the_same_question_move_the_choice(tmp_path: Path) -> None:

@@ -22,23 +22,10 @@ from graphstore.sqlite_store import SQLiteGraphStore
 from model.bradley_terry import fit_bradley_terry, per_query_strengths, user_deviation
 from server.config import UserEvidenceSettings
 from server.scoring import pair_count_wins
-from tests.server.inprocess import DIM, emb, running
+from tests.server.inprocess import DIM, emb, record_comparison, running
 
 QUESTION = "Which answer explains recursion best?"
 A_AND_C = [pb.CandidateModel(model="a"), pb.CandidateModel(model="c")]
-
-
-async def _compare(stub: Any, user: str, query: str, winner: str, loser: str, n: int) -> None:
-    resp = await stub.RecordResponse(
-        pb.RecordResponseRequest(
-            user_id=user,
-            session_id=f"{user}-s{n}",
-            query=query,
-            query_embedding=emb(n),
-            comparison=pb.Comparison(winner_model=winner, loser_model=loser),
-        )
-    )
-    assert not resp.duplicate
 
 
 async def _select(stub: Any, user: str) -> pb.SelectResponse:
@@ -55,17 +42,19 @@ async def _teach(stub: Any) -> None:
     n = 0
     for i in range(6):
         for winner, loser in (("c", "a"), ("c", "b")):
-            await _compare(stub, f"crowd{i % 3}", f"general question {i}", winner, loser, n)
+            await record_comparison(
+                stub, f"crowd{i % 3}", f"general question {i}", winner, loser, n
+            )
             n += 1
     for i in range(3):
-        await _compare(stub, f"crowd{i}", QUESTION, "c", "a", n)
+        await record_comparison(stub, f"crowd{i}", QUESTION, "c", "a", n)
         n += 1
     for _ in range(2):
         for winner, loser in (("a", "b"), ("b", "c")):
-            await _compare(stub, "judge", QUESTION, winner, loser, n)
+            await record_comparison(stub, "judge", QUESTION, winner, loser, n)
             n += 1
     # the judge's verdict elsewhere is not a verdict on QUESTION
-    await _compare(stub, "judge", "another question", "c", "a", n)
+    await record_comparison(stub, "judge", "another question", "c", "a", n)
 
 
 async def test_the_users_own_verdicts_on_a_question_decide_an_unseen_pair() -> None:
@@ -122,7 +111,7 @@ async def test_min_history_and_switching_it_off() -> None:
         assert "per-user evidence waits for 12 turns (the user's comparisons give 10)" in (
             judge.reasoning
         )
-        await _compare(stub, "judge", "another question", "a", "c", 500)
+        await record_comparison(stub, "judge", "another question", "a", "c", 500)
         assert (await _select(stub, "judge")).selected_model == "a"
     # a full read (max_comparisons) counts as enough: the user has at least that many
     async with (
