@@ -33,7 +33,7 @@ from graphstore.errors import StoreUnavailableError
 from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.interactions import query_key
 from graphstore.store import GraphStore
-from model.text_encoder import TextEncoder
+from model.text_encoder import TextEncoder, auto_threads
 from server.config import Settings
 from server.degraded import CALL_DEADLINE, BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.heap import freeze_long_lived, thaw
@@ -263,7 +263,10 @@ class RouterServer:
             max_workers=settings.server.max_workers, thread_name_prefix="torch"
         )
         self.encoder = TextEncoder(
-            settings.embedding.model, settings.embedding.device, settings.embedding.backend
+            settings.embedding.model,
+            settings.embedding.device,
+            settings.embedding.backend,
+            threads=settings.embedding.threads or auto_threads(),
         )
         self.health = HealthServicer()
         self.metrics = Metrics()

@@ -232,6 +232,17 @@ class EmbeddingSettings(_Section):
             " on torch. A device other than cpu always uses torch."
         ),
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=(
+            "ONNX Runtime intra-op threads for one query's embedding (0 = auto: the CPUs this"
+            " process may use, from its affinity and its cgroup CPU quota, at most 4). The"
+            " threads sleep between runs instead of spinning, so they leave the cores to the"
+            " event loop; the torch backend ignores this (torch runs one thread)."
+        ),
+    )
 
 
 class LoggingSettings(_Section):

@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from model.datasets import read_mt_bench
-from model.text_encoder import DEFAULT_ENCODER_DIM, TextEncoder, onnx_cache_dir
+from model.text_encoder import (
+    DEFAULT_ENCODER_DIM,
+    MAX_AUTO_THREADS,
+    TextEncoder,
+    auto_threads,
+    onnx_cache_dir,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MT = REPO.parent / "shared" / "data" / "mt_bench_human_judgments_full"
@@ -76,6 +82,36 @@ def test_onnx_matches_torch_on_llmfao_prompts_and_edge_cases(
 ) -> None:
     texts = [*_llmfao_prompts(), "", "hi", "word " * 600, "naïve café — 東京 🙂"]
     _assert_same(*encoders, texts, batched=True)
+
+
+def test_two_intra_op_threads_give_the_same_embeddings(
+    encoders: tuple[TextEncoder, TextEncoder],
+) -> None:
+    # the server runs the encoder on auto_threads() intra-op threads; the check in setup
+    # passed for them too, and the output must not depend on the split of the matrix products
+    texts = [*_llmfao_prompts(), "hi", "word " * 600]
+    two = TextEncoder(backend="onnx", threads=2)
+    two.warm_up()
+    assert two.active_backend == "onnx"
+    one = encoders[0].encode(texts)
+    np.testing.assert_allclose(np.concatenate([two.encode([t]) for t in texts]), one, atol=1e-6)
+
+
+def test_auto_threads_follows_affinity_and_cgroup_quota(tmp_path: Path) -> None:
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    cgroup = tmp_path / "none"
+    cgroup.mkdir()
+    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)  # no cpu.max file
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)
+    (cgroup / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
+    assert auto_threads(cgroup) == 1
+    (cgroup / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs round up to 2
+    assert auto_threads(cgroup) == min(cpus, 2)
+    (cgroup / "cpu.max").write_text("garbage\n")
+    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)
 
 
 def test_cuda_device_or_torch_backend_never_uses_onnx() -> None:
