@@ -46,6 +46,7 @@ from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc
 from graphstore.interactions import Comparison, Interaction
 from graphstore.store import GraphStore
+from model.text_encoder import auto_threads
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "out" / "bench"
@@ -577,6 +578,8 @@ def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
+        # ONNX Runtime intra-op threads of the server's text encoder (embedding.threads: auto)
+        "embedding_threads": auto_threads(),
         "cpu": cpu,
         "memory_gb": mem_gb,
         "os": platform.platform(),
@@ -591,6 +594,7 @@ def machine() -> dict[str, Any]:
                 "neo4j",
                 "neo4j-rust-ext",
                 "numpy",
+                "onnxruntime",
                 "protobuf",
             )
         },
@@ -808,12 +812,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["select_neo4j_health_p50_ms"] = neo_block["health"]["p50_ms"]
             result["select_neo4j_warm_jvm_p50_ms"] = neo_block_jit["select"]["p50_ms"]
             result["select_neo4j_warm_jvm_health_p50_ms"] = neo_block_jit["health"]["p50_ms"]
-            result["record_rps_neo4j"] = r_rps["rps"]
-            result["record_rps_neo4j_warm_jvm"] = r_rps_jit["rps"]
+            # The headline figure is the steady state, like every Select figure (warm server,
+            # warm caches): a deployed Neo4j is past its JIT warm-up. The fresh JVM's figure
+            # (4 s after its first write) is kept beside it.
+            result["record_rps_neo4j"] = r_rps_jit["rps"]
+            result["record_rps_neo4j_fresh_jvm"] = r_rps["rps"]
             result["health_rps_c32_neo4j_server"] = h_rps_neo["rps"]
             detail["select_neo4j"] = neo_block
             detail["select_neo4j_warm_jvm"] = neo_block_jit
-            detail["record_c32_neo4j"] = {
+            detail["record_c32_neo4j_fresh_jvm"] = {
                 **r_rps,
                 "warm_up_before": r_warm,
                 "health_baseline": h_rps_neo,
@@ -824,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 npid is not None and len(jit_curve) >= 2 and jit_curve[-1]["jit_cpu_share"] < 0.1
             )
             result["neo4j_jit_settled"] = settled
-            detail["record_c32_neo4j_warm_jvm"] = {
+            detail["record_c32_neo4j"] = {
                 **r_rps_jit,
                 "jit_warm_up": jit_curve,
                 "jit_settled": settled,
@@ -832,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result["select_neo4j_p50_ms"] = None
             result["record_rps_neo4j"] = None
-            result["record_rps_neo4j_warm_jvm"] = None
+            result["record_rps_neo4j_fresh_jvm"] = None
             result["select_neo4j_warm_jvm_p50_ms"] = None
 
         result["rss_mb"] = max((x for x in (rss_sqlite, rss_neo) if x is not None), default=None)
