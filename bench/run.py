@@ -830,6 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settled = (
                 npid is not None and len(jit_curve) >= 2 and jit_curve[-1]["jit_cpu_share"] < 0.1
             )
+            if not settled:
+                log("warning: Neo4j's JIT did not settle; record_rps_neo4j is not steady state")
             result["neo4j_jit_settled"] = settled
             detail["record_c32_neo4j"] = {
                 **r_rps_jit,

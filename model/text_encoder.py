@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+from joblib import cpu_count
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -75,22 +76,14 @@ _ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_AUTO_THREADS = 4
 
 
-def auto_threads(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+def auto_threads() -> int:
     """ONNX Runtime intra-op threads for this process: the CPUs it may use, 1 to 4.
 
-    The smallest of the CPUs in the process's affinity mask, its cgroup v2 CPU quota
-    (``cpu.max``, rounded up; a Kubernetes CPU limit lands there) and
-    :data:`MAX_AUTO_THREADS`. A missing or unreadable ``cpu.max`` (cgroup v1, no limit)
-    counts as no quota.
+    ``joblib.cpu_count()`` (the smallest of the machine's CPUs, the process's affinity
+    mask, the cgroup v1 or v2 CPU quota rounded up — where a Kubernetes CPU limit lands —
+    and ``$LOKY_MAX_CPU_COUNT``), at most :data:`MAX_AUTO_THREADS`.
     """
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, min(cpus, MAX_AUTO_THREADS))
+    return max(1, min(int(cpu_count()), MAX_AUTO_THREADS))
 
 
 def onnx_cache_dir() -> Path:

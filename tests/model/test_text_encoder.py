@@ -97,21 +97,16 @@ def test_two_intra_op_threads_give_the_same_embeddings(
     np.testing.assert_allclose(np.concatenate([two.encode([t]) for t in texts]), one, atol=1e-6)
 
 
-def test_auto_threads_follows_affinity_and_cgroup_quota(tmp_path: Path) -> None:
-    import os
+def test_auto_threads_is_joblibs_cpu_count_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model import text_encoder
 
-    cpus = len(os.sched_getaffinity(0))
-    cgroup = tmp_path / "none"
-    cgroup.mkdir()
-    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)  # no cpu.max file
-    (cgroup / "cpu.max").write_text("max 100000\n")
-    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)
-    (cgroup / "cpu.max").write_text("50000 100000\n")  # half a CPU: one thread
-    assert auto_threads(cgroup) == 1
-    (cgroup / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs round up to 2
-    assert auto_threads(cgroup) == min(cpus, 2)
-    (cgroup / "cpu.max").write_text("garbage\n")
-    assert auto_threads(cgroup) == min(cpus, MAX_AUTO_THREADS)
+    # joblib's count honours $LOKY_MAX_CPU_COUNT (besides affinity and cgroup quotas)
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert auto_threads() == 1
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT")
+    for cpus, threads in ((1, 1), (2, 2), (3, 3), (16, MAX_AUTO_THREADS)):
+        monkeypatch.setattr(text_encoder, "cpu_count", lambda n=cpus: n)
+        assert auto_threads() == threads
 
 
 def test_cuda_device_or_torch_backend_never_uses_onnx() -> None:

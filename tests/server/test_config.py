@@ -140,3 +140,19 @@ def test_readme_configuration_reference_is_valid() -> None:
     block = text.split("## Configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     s = parse_settings(yaml.safe_load(block), "README.md")
     assert s.gmtrouter.num_layers == 2 and s.sampler.hops == 2
+
+
+def test_server_encoder_threads_default_to_auto_threads_and_config_wins(
+    tmp_path: Path,
+) -> None:
+    from graphstore.sqlite_store import SQLiteGraphStore
+    from model.text_encoder import auto_threads
+    from server.app import RouterServer
+
+    store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=384)
+    default = RouterServer(parse_settings({}), store=store, environ={})
+    assert default.encoder.threads == auto_threads()
+    pinned = RouterServer(parse_settings({"embedding": {"threads": 3}}), store=store, environ={})
+    assert pinned.encoder.threads == 3
+    with pytest.raises(ConfigError, match="threads"):
+        parse_settings({"embedding": {"threads": -1}})
