@@ -14,11 +14,10 @@ normalisation):
   ``<model>-<hash>.onnx`` — the hash covers the weight and config files, the torch version and
   the export recipe — written atomically, and run with ONNX Runtime (fp32, ``threads`` intra-op
   threads, which sleep rather than spin between runs). About 3-4x faster than torch for one
-  short query. A BERT model is exported with
-  eager attention by the TorchScript exporter and passed through ONNX Runtime's transformer
-  optimizer, which fuses each layer's attention, the embeddings and the layer norms (62 nodes
-  instead of ≈ 700; ≈ 10 % less time per query, the rest is fp32 matrix products); any other
-  model, or a failing fusion, is exported as before (dynamo exporter, no fusion).
+  short query. A BERT model is exported with eager attention by the TorchScript exporter and
+  passed through ONNX Runtime's transformer optimizer, which fuses each layer's attention, the
+  embeddings and the layer norms (62 nodes instead of ≈ 700; ≈ 10 % less time per query, the
+  rest is fp32 matrix products); any other model, or a failing fusion, is exported as before (dynamo exporter, no fusion).
 * ``torch``: sentence-transformers on torch. Small batches skip sentence-transformers'
   generic pre-processing ("direct path"), which saves a few milliseconds per call.
 
