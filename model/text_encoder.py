@@ -17,7 +17,8 @@ normalisation):
   short query. A BERT model is exported with eager attention by the TorchScript exporter and
   passed through ONNX Runtime's transformer optimizer, which fuses each layer's attention, the
   embeddings and the layer norms (62 nodes instead of ≈ 700; ≈ 10 % less time per query, the
-  rest is fp32 matrix products); any other model, or a failing fusion, is exported as before (dynamo exporter, no fusion).
+  rest is fp32 matrix products); any other model, or a failing fusion, is exported as before
+  (dynamo exporter, no fusion).
 * ``torch``: sentence-transformers on torch. Small batches skip sentence-transformers'
   generic pre-processing ("direct path"), which saves a few milliseconds per call.
 
