@@ -386,7 +386,8 @@ def _tails(records: list[dict[str, Any]]) -> dict[_SessionKey, _Tail]:
 MAX_GROUP_INTERACTIONS = 2000
 
 #: Write transactions (group commits) one store keeps in flight at once. Two in flight made no
-#: measurable difference with 32 closed-loop clients (they all land in one group). (A
+#: measurable difference with 32 closed-loop clients (which settle into two alternating groups
+#: of ≈ 16 with one in flight; README → Performance). (A
 #: kill-Neo4j test that once seemed to find a user's version at half its query count with two
 #: had grouped two users with equal versions into one row; the test now groups by user.)
 MAX_CONCURRENT_WRITES = 1
