@@ -3,8 +3,10 @@
 Select must answer within its deadline even while the store (Neo4j) is unreachable or slow.
 Three parts:
 
-* :class:`BudgetedStore` — the store as the scorer sees it: every read is abandoned after
-  ``store.select_timeout_ms`` and raises :class:`~graphstore.errors.StoreTimeoutError`.
+* :class:`BudgetedStore` — the store as the Select path sees it (the scorer and the per-query
+  and per-user evidence): every read is abandoned after ``store.select_timeout_ms`` and raises
+  :class:`~graphstore.errors.StoreTimeoutError`; after a failed read, and while an abandoned
+  read still runs, its reads fail at once instead of waiting for the store again.
 * :class:`SnapshotPriorScorer` — the Bradley–Terry prior that remembers its last successful
   fit, so that a degraded answer needs no store read.
 * :class:`DegradingScorer` — wraps the real scorer: on a store failure, a read over budget,
@@ -12,8 +14,9 @@ Three parts:
   ``degraded_bt_prior``) or, when the prior never fitted, with equal scores (method
   ``degraded_uniform``: the first candidate wins); ``reasoning`` says why. After a failure
   the store is left alone for :data:`HOLD_S` seconds, and for as long as a read abandoned
-  after its budget is still running (every Select in that time answers degraded at once);
-  then the next Select tries it again: recovery needs no restart.
+  after its budget is still running (every Select in that time answers degraded at once,
+  its evidence reads fail at once too); then the next Select tries it again: recovery needs
+  no restart.
 
 The call's deadline reaches the scorer through :data:`CALL_DEADLINE`, set per RPC by the
 access-log interceptor (``server/app.py``).
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,6 +76,11 @@ class BudgetedStore(GraphStore):
     Writes are passed through untouched: a write is never abandoned half way (see
     ``RoutingService.record``).
 
+    A read that fails or runs over budget holds the store for :data:`HOLD_S` seconds: reads
+    in that time, and reads while an abandoned one still runs, raise at once without calling
+    the store (a Select's evidence reads then cost nothing while the store is down, instead
+    of ``budget_ms`` each); the first read after the hold tries the store again.
+
     Args:
         inner: The (opened) store.
         budget_ms: Longest wait for one read, in milliseconds.
@@ -86,11 +94,29 @@ class BudgetedStore(GraphStore):
         self.embedding_dim = inner.embedding_dim
         #: Reads past their budget that are still running.
         self.abandoned = 0
+        self._hold_until = -float("inf")
+        self._hold_reason = ""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def _read(self, what: str, coro: Awaitable[_T]) -> _T:
+    def held(self) -> str | None:
+        """Why a read now would fail at once without calling the store; None when it would
+        call it (see the class docstring)."""
+        if self.abandoned:
+            return (
+                f"the graph store is slow: {self.abandoned} earlier read(s) still running "
+                f"past the {self.budget_ms:g} ms budget"
+            )
+        if time.monotonic() < self._hold_until:
+            return self._hold_reason
+        return None
+
+    def _hold(self, why: str) -> None:
+        self._hold_until = time.monotonic() + HOLD_S
+        self._hold_reason = f"{why} (store left alone for {HOLD_S:g} s after a failure)"
+
+    async def _read(self, what: str, coro: Coroutine[Any, Any, _T]) -> _T:
         """Await ``coro`` for at most ``budget_ms``.
 
         A read over budget is abandoned, not cancelled: it runs on in the background (counted
@@ -99,18 +125,27 @@ class BudgetedStore(GraphStore):
         at every budget would keep the store cold for ever.
 
         Raises:
-            StoreTimeoutError: it took longer than ``budget_ms``.
-            StoreUnavailableError: the store failed.
+            StoreUnavailableError: the store is held (:meth:`held`; ``coro`` is closed
+                without running), or the store failed (this holds it).
+            StoreTimeoutError: it took longer than ``budget_ms`` (this holds it).
         """
+        why = self.held()
+        if why is not None:
+            coro.close()
+            raise StoreUnavailableError(f"graph store {what} not tried: {why}")
         task = asyncio.ensure_future(coro)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.budget_ms / 1e3)
         except TimeoutError:
             self._abandon(task)
+            self._hold(f"the graph store is slow: {what} took over {self.budget_ms:g} ms")
             raise StoreTimeoutError(
                 f"graph store {what} did not answer within {self.budget_ms:g} ms "
                 f"(store.select_timeout_ms)"
             ) from None
+        except StoreUnavailableError as exc:
+            self._hold(f"the graph store is unavailable: {exc}")
+            raise
         except asyncio.CancelledError:
             self._abandon(task)
             raise
@@ -230,8 +265,9 @@ class DegradingScorer:
             refitted in the background (at most every ``prior.refresh_s`` seconds, while the
             store answers), so that a fit exists when the store goes away.
         metrics: Where degraded answers are counted (``select_degraded_total{reason}``).
-        store: The budgeted store of ``inner``: while one of its reads is past its budget
-            and still running, Select answers degraded at once (one probe at a time).
+        store: The budgeted store of ``inner``: while it is held (a read failed in the last
+            :data:`HOLD_S` seconds, or one is past its budget and still running), Select
+            answers degraded at once (one probe at a time).
     """
 
     def __init__(
@@ -284,13 +320,10 @@ class DegradingScorer:
         now = time.monotonic()
         if now < self._hold_until:
             return self._degraded(candidates, "unavailable", self._hold_reason)
-        if self.store is not None and self.store.abandoned:
-            return self._degraded(
-                candidates,
-                "slow",
-                f"the graph store is slow: {self.store.abandoned} earlier read(s) still "
-                f"running past the {self.store.budget_ms:g} ms budget",
-            )
+        held = self.store.held() if self.store is not None else None
+        if held is not None:  # an evidence read failed, or a read is still over budget
+            slow = self.store is not None and self.store.abandoned > 0
+            return self._degraded(candidates, "slow" if slow else "unavailable", held)
         deadline = CALL_DEADLINE.get()
         timeout: float | None = None
         if deadline is not None:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import time
 
 import numpy as np
+import pytest
 
-from graphstore.interactions import Comparison, Interaction
+from graphstore.errors import StoreUnavailableError
+from graphstore.interactions import Comparison, Interaction, query_key
 from graphstore.sqlite_store import SQLiteGraphStore
 from server import degraded
+from server.config import QueryEvidenceSettings
 from server.degraded import BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.metrics import Metrics
+from server.query_evidence import QueryEvidenceSource
 
 DIM = 8
 
@@ -85,4 +91,47 @@ async def test_no_time_left_before_the_deadline_answers_at_once() -> None:
         assert degraded_count(metrics, "deadline") == 1
         assert await asyncio.create_task(call(5.0)) == "bt_prior"
     finally:
+        await store.close()
+
+
+async def test_a_failed_read_holds_the_store_for_every_select_read() -> None:
+    """After a failed read the budgeted store is not called for HOLD_S seconds: the scorer
+    and the per-query evidence (which would otherwise wait for the store again, each
+    Select) fail at once; then the store is tried again."""
+    store = SQLiteGraphStore(":memory:", embedding_dim=DIM)
+    budgeted = BudgetedStore(store, budget_ms=500)
+    with pytest.raises(StoreUnavailableError):
+        await budgeted.pair_counts()  # not open: fails, and holds the store
+    await store.open()
+    executor = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        await store.record(
+            [
+                dataclasses.replace(comparison(n, "a", "b"), query_key=query_key("q"))
+                for n in range(3)
+            ]
+        )
+        assert budgeted.held() is not None and "unavailable" in str(budgeted.held())
+
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="not tried"):
+            await budgeted.user_comparisons("u", 10)  # the store would answer: not called
+        prior = SnapshotPriorScorer(budgeted, refresh_s=0.0)
+        source = QueryEvidenceSource(QueryEvidenceSettings(), budgeted, prior, executor)
+        ev = await source.evidence(query_key("q"), ["a", "b"])
+        assert ev is not None and ev.error == "StoreUnavailableError" and not ev.comparisons
+        metrics = Metrics()
+        scorer = DegradingScorer(prior, prior, metrics, budgeted)
+        assert (await scorer.score("u", None, ["a", "b"])).method == degraded.METHOD_UNIFORM
+        assert degraded_count(metrics, "unavailable") == 1
+        assert time.monotonic() - t0 < 0.1
+
+        await asyncio.sleep(degraded.HOLD_S)
+        assert budgeted.held() is None
+        assert len(await budgeted.user_comparisons("u", 10)) == 3
+        ev = await source.evidence(query_key("q"), ["a", "b"])
+        assert ev is not None and not ev.error and ev.comparisons == 3
+        assert (await scorer.score("u", None, ["a", "b"])).method == "bt_prior"
+    finally:
+        executor.shutdown()
         await store.close()

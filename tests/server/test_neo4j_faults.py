@@ -231,6 +231,16 @@ def test_stalled_neo4j_degrades_select_and_keeps_record_exact(
                 latencies.append(time.monotonic() - t0)
                 assert sel.method == "degraded_bt_prior", sel
                 assert "graph store" in sel.reasoning
+            # A query never asked before: its per-query evidence is in no cache. The held
+            # store is not asked for it (asking would wait for the read budget each time).
+            for n in range(3):
+                fresh = select_request("stall-user")
+                fresh.query = f"a question never asked before {n}"
+                t0 = time.monotonic()
+                sel = stub.Select(fresh, timeout=SELECT_DEADLINE_S)
+                latencies.append(time.monotonic() - t0)
+                assert sel.method == "degraded_bt_prior", sel
+                assert "per-query evidence unavailable (StoreUnavailableError)" in sel.reasoning
             # The write cannot finish while Neo4j is stalled: the client's deadline passes
             # (outcome unknown to the client).
             stalled = record_request("stalled-write", "stall-user", 5)
