@@ -629,8 +629,10 @@ class Neo4jGraphStore(GraphStore):
                 connection_acquisition_timeout=self.connection_acquisition_timeout_s,
                 max_transaction_retry_time=self.max_transaction_retry_time_s,
                 user_agent="gmtrouter-graphstore",
-                # "relationship type does not exist yet" on a fresh database is expected.
-                notifications_disabled_classifications=["UNRECOGNIZED"],
+                # No notifications: nothing reads them, and the server would send the ones
+                # it cached with a plan (a fresh database's "property key does not exist",
+                # the write statement's cartesian products) with every write transaction.
+                notifications_min_severity="OFF",
             )
         except (neo4j_errors.ConfigurationError, ValueError) as exc:
             raise StoreUnavailableError(f"invalid Neo4j URI {self.uri!r}: {exc}") from exc
