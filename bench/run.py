@@ -27,6 +27,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ from typing import Any
 import grpc
 import numpy as np
 import yaml
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gmtrouter.v1 import router_pb2 as pb
@@ -58,6 +60,9 @@ NEO4J_PORTS = {"bolt": 27687, "http": 27474}
 HISTORY_SIZES = (10, 100, 1_000, 10_000)
 MAIN_HISTORY = 50
 CONCURRENCY = 32
+#: ghz (https://ghz.sh), the Go gRPC load tester: a second, independent client for the Select
+#: throughput, built from the Go module proxy into ``out/bench/bin`` on first use.
+GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz@v0.93.0"
 TEXTS = [
     "How do I reverse a linked list in place?",
     "Write a haiku about autumn rain.",
@@ -455,6 +460,80 @@ def select_rps(address: str, models: Sequence[str], duration_s: float) -> dict[s
     )
 
 
+def ghz_binary() -> tuple[Path | None, str]:
+    """ghz, built once from the Go module proxy into ``out/bench/bin``; or None and why not."""
+    exe = WORK / "bin" / "ghz"
+    if exe.exists():
+        return exe, ""
+    go = shutil.which("go")
+    if go is None:
+        return None, "go is not on PATH"
+    try:
+        p = subprocess.run(
+            [go, "install", GHZ_MODULE],
+            env={**os.environ, "GOBIN": str(exe.parent)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"go install {GHZ_MODULE} took over 600 s"
+    if p.returncode != 0 or not exe.exists():
+        return None, f"go install {GHZ_MODULE} failed: {p.stderr.strip()[-400:]}"
+    return exe, ""
+
+
+def ghz_select_rps(
+    exe: Path, address: str, models: Sequence[str], duration_s: float
+) -> dict[str, Any]:
+    """:func:`select_rps` driven by ghz instead of grpc's Python client: 32 concurrent
+    workers on 4 connections, the same 64 requests (ghz parses them once and sends them
+    round robin), calls in flight at the deadline are waited for. Adds ghz's own CPU per call.
+
+    Raises:
+        RuntimeError: ghz exited non-zero (its stderr in the message).
+    """
+    embs = unit_rows(np.random.default_rng(11), 64)
+    msgs = [
+        json_format.MessageToDict(
+            select_request(f"bench-c{j % CONCURRENCY:02d}", models, embs[j]),
+            preserving_proto_field_name=True,
+        )
+        for j in range(len(embs))
+    ]
+    data = WORK / "ghz-select.json"
+    data.write_text(json.dumps(msgs))
+    cmd = [
+        str(exe),
+        "--insecure",
+        *("--proto", str(REPO / "protos" / "gmtrouter" / "v1" / "router.proto")),
+        *("--import-paths", str(REPO / "protos")),
+        *("--call", "gmtrouter.v1.RouterService/Select"),
+        *("-c", str(CONCURRENCY), "--connections", "4"),
+        *("-z", f"{duration_s:g}s", "--duration-stop", "wait"),
+        *("-D", str(data), "-O", "json", address),
+    ]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 300)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise RuntimeError(f"ghz exited {p.returncode}: {p.stderr.strip()[-400:]}")
+    r = json.loads(p.stdout)
+    codes = r.get("statusCodeDistribution") or {}
+    ok = int(codes.get("OK", 0))
+    seconds = float(r["total"]) / 1e9
+    pcts = {int(d["percentage"]): d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
+    cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return {
+        "rps": round(ok / seconds, 1),
+        "calls": ok,
+        "errors": {k: v for k, v in codes.items() if k != "OK"},
+        "seconds": round(seconds, 2),
+        "latency": {f"p{q}_ms": round(pcts[q], 3) for q in (50, 90, 99) if q in pcts},
+        "ghz_cpu_ms_per_call": round(cpu_s * 1e3 / max(ok, 1), 3),
+    }
+
+
 def record_rps(address: str, models: Sequence[str], duration_s: float, tag: str) -> dict[str, Any]:
     rng = np.random.default_rng(13)
     embs = unit_rows(rng, 64)
@@ -731,6 +810,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log("throughput c32 ...")
                 h_rps = with_cpu(srv, lambda: health_rps(srv.address, dur))
                 s_rps = with_cpu(srv, lambda: select_rps(srv.address, cands, dur))
+                ghz, ghz_missing = ghz_binary()
+                g_rps: dict[str, Any] = {"skipped": ghz_missing}
+                if ghz is not None:
+                    log("throughput c32 (ghz) ...")
+                    g_rps = with_cpu(srv, lambda: ghz_select_rps(ghz, srv.address, cands, dur))
+                    del g_rps["cpu_ms_per_call"]["client"]  # this process: ghz is its own
+                result["machine"]["versions"]["ghz"] = GHZ_MODULE.rsplit("@", 1)[1]
                 log("record c32 (SQLite) ...")
                 r_rps_sqlite = with_cpu(
                     srv, lambda: record_rps(srv.address, cands, dur / 2, "sqlite")
@@ -747,6 +833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "ratio_select_to_health": round(sel["p50_ms"] / hl["p50_ms"], 2),
                     "select_text_p50_ms": text_block["select"]["p50_ms"],
                     "throughput_rps_c32": s_rps["rps"],
+                    "throughput_rps_c32_ghz": g_rps.get("rps"),
                     "history_scaling": {k: b["select"]["p50_ms"] for k, b in scaling.items()},
                 }
             )
@@ -758,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "select": main_block,
                     "select_text": text_block,
                     "history_scaling": scaling,
-                    "throughput_c32": {"select": s_rps, "health_baseline": h_rps},
+                    "throughput_c32": {"select": s_rps, "health_baseline": h_rps, "ghz": g_rps},
                     "record_c32_sqlite": r_rps_sqlite,
                 }
             )
