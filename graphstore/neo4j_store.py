@@ -40,18 +40,28 @@ on ``Turn.ts``, ``Turn(user_id, ts)``, ``Turn(llm, ts)``, ``Turn(user_id, sessio
 Writes: concurrent :meth:`~Neo4jGraphStore.record` calls are grouped into one managed write
 transaction (group commit); a call returns once the transaction holding its rows has
 committed, and up to :data:`MAX_CONCURRENT_WRITES` such transactions are in flight at once.
-A transaction runs two statements in the common case. The first reads which keys and ids
-are stored already (``idempotency_key``, then ``interaction_id``, as the SQLite store does)
-and the last turns of every session the group touches. The second locks the user nodes in
-sorted order and bumps their versions, reads those session tails again under the locks,
-creates queries, turns and responses with ``UNWIND``, the ``FOLLOWS`` edges of the new turns
-and updates the pair counts (a ``PairCount`` gets its ``MODEL_A``/``MODEL_B`` edges when it
-is created). A new turn whose ``turn_index`` is greater than every stored turn of its session
-(an append, the usual case) is linked from the session's tail alone; a session that got a
-late turn, or whose tail changed between the two statements (another writer), is re-linked
-as a whole in the same transaction. A concurrent writer (another replica) racing on the
-same id or key hits a uniqueness constraint; the transaction rolls back and is run again,
-where the duplicate check now sees the other writer's row.
+A transaction runs one statement in the common case: a group with no id or key twice and
+with new turns of one ``turn_index`` per session (one record per conversation in flight, as
+a gateway sends them). It locks the user nodes in sorted order and bumps their versions,
+notes the sessions whose stored turns already reach the new index (a late turn), creates
+queries, turns and responses with ``UNWIND``, links each new turn to its previous turn among
+the stored turns of its session (the rule of
+:func:`graphstore.neighbourhood.link_previous_turns`) and updates the pair counts (a
+``PairCount`` gets its ``MODEL_A``/``MODEL_B`` edges when it is created); sessions with a
+late turn are then re-linked as a whole in the same transaction. There is no duplicate check
+in it: a key or id stored already (a retried record, or another replica's) fails a
+uniqueness constraint, the transaction rolls back, and the group is written again the other
+way.
+
+The other way, two statements. The first reads which keys and ids are stored already
+(``idempotency_key``, then ``interaction_id``, as the SQLite store does) and the last turns
+of every session the group touches. The second locks the user nodes, reads those session
+tails again under the locks, creates the rows and the ``FOLLOWS`` edges planned from the
+tails, and updates the pair counts. A session that got a late turn, or whose tail changed
+between the two statements (another writer), is re-linked as a whole in the same
+transaction. A concurrent writer (another replica) racing on the same id or key hits a
+uniqueness constraint; the transaction rolls back and is run again, where the duplicate
+check now sees the other writer's row.
 
 Reads: :meth:`~Neo4jGraphStore.neighbourhood` runs every hop in one read transaction and
 feeds :func:`graphstore.neighbourhood.assemble_neighbourhood`, as the SQLite store does, so
@@ -173,16 +183,13 @@ CALL () {{
 RETURN by_key, known_ids, tails
 """
 
-# Second statement: everything else, in one round trip. User nodes are locked first, in the
-# order given (sorted), so that two writers touching one user are serialised; the tails of
-# the appended sessions are read again under those locks (a concurrent writer may have added
-# a turn since the first statement: the caller then re-links that session). Pair counts come
-# last (every writer updates the same few nodes: their locks are held for the shortest time);
-# a new PairCount gets its MODEL_A/MODEL_B edges, an existing one is only updated.
-_WRITE = f"""{_NO_REPLAN}
-CALL () {{
+# The parts of a write. User nodes are locked first, in the order given (sorted), so that two
+# writers touching one user are serialised. Pair counts come last (every writer updates the
+# same few nodes: their locks are held for the shortest time); a new PairCount gets its
+# MODEL_A/MODEL_B edges, an existing one is only updated.
+_LOCK_USERS = """CALL () {
   UNWIND $p.users AS row
-  MERGE (u:User {{user_id: row.user_id}})
+  MERGE (u:User {user_id: row.user_id})
     ON CREATE SET u.version = 0
   // Take the node's write lock before reading the version (Neo4j operations manual, "lost
   // updates"): two writers that read first would both write the same version + n.
@@ -190,27 +197,24 @@ CALL () {{
   WITH u, row
   SET u.version = u.version + row.writes
   REMOVE u._lock
-}}
-CALL () {{
-  UNWIND $p.appends AS s
-{_SESSION_TAIL} AS tails
-}}
-CALL () {{
+}
+CALL () {
   UNWIND $p.names AS name
-  MERGE (:LLM {{name: name}})
-}}
-CALL () {{
+  MERGE (:LLM {name: name})
+}"""
+
+_CREATE_ROWS = """CALL () {
   UNWIND $p.rows AS row
-  MATCH (u:User {{user_id: row.query.user_id}})
+  MATCH (u:User {user_id: row.query.user_id})
   CREATE (q:Query)
   SET q = row.query
   CREATE (u)-[:SUBMITTED]->(q)
   WITH u, q, row
   UNWIND row.turns AS turn
-  MATCH (m:LLM {{name: turn.llm}})
+  MATCH (m:LLM {name: turn.llm})
   CREATE (t:Turn)
   SET t = turn
-  CREATE (r:Response {{response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome}})
+  CREATE (r:Response {response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome})
   SET r.text = row.texts[turn.llm]
   CREATE (q)-[:RECEIVED]->(r),
          (r)-[:GENERATED_BY]->(m),
@@ -218,23 +222,73 @@ CALL () {{
          (t)-[:ASKED]->(q),
          (t)-[:ANSWERED_BY]->(m),
          (t)-[:HAS_RESPONSE]->(r)
+}"""
+
+_UPDATE_PAIRS = """CALL () {
+  UNWIND $p.pairs AS pair
+  MERGE (p:PairCount {model_a: pair.model_a, model_b: pair.model_b})
+    ON CREATE SET p.wins_a = pair.wins_a, p.wins_b = pair.wins_b
+    ON MATCH SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
+  WITH p, pair
+  WHERE NOT EXISTS { (p)-[:MODEL_A]->(:LLM) }
+  MATCH (a:LLM {name: pair.model_a}), (b:LLM {name: pair.model_b})
+  CREATE (p)-[:MODEL_A]->(a), (p)-[:MODEL_B]->(b)
+}"""
+
+# Second statement: everything else, in one round trip. The tails of the appended sessions
+# are read again under the users' locks (a concurrent writer may have added a turn since the
+# first statement: the caller then re-links that session).
+_WRITE = f"""{_NO_REPLAN}
+{_LOCK_USERS}
+CALL () {{
+  UNWIND $p.appends AS s
+{_SESSION_TAIL} AS tails
 }}
+{_CREATE_ROWS}
 CALL () {{
   UNWIND $p.links AS link
   MATCH (t:Turn {{turn_id: link.turn_id}}), (p:Turn {{turn_id: link.prev_id}})
   CREATE (t)-[:FOLLOWS]->(p)
 }}
-CALL () {{
-  UNWIND $p.pairs AS pair
-  MERGE (p:PairCount {{model_a: pair.model_a, model_b: pair.model_b}})
-    ON CREATE SET p.wins_a = pair.wins_a, p.wins_b = pair.wins_b
-    ON MATCH SET p.wins_a = p.wins_a + pair.wins_a, p.wins_b = p.wins_b + pair.wins_b
-  WITH p, pair
-  WHERE NOT EXISTS {{ (p)-[:MODEL_A]->(:LLM) }}
-  MATCH (a:LLM {{name: pair.model_a}}), (b:LLM {{name: pair.model_b}})
-  CREATE (p)-[:MODEL_A]->(a), (p)-[:MODEL_B]->(b)
-}}
+{_UPDATE_PAIRS}
 RETURN tails
+"""
+
+# The whole write in one statement (see Neo4jGraphStore._write_group for when it is used):
+# no duplicate check (the uniqueness constraints reject a duplicate: the caller writes again
+# with the two statements above), and every session gets new turns of one turn_index only,
+# so the previous turn of each new turn is among the stored turns of its session: by the rule
+# of graphstore.neighbourhood.link_previous_turns, the greatest turn_index below the new one,
+# then the same LLM, then the newest, then the greatest turn_id. Sessions whose stored turns
+# already reach the new index (a late turn) are returned, read under the users' locks before
+# the new rows exist; the caller re-links them in the same transaction.
+_WRITE_APPENDS = f"""{_NO_REPLAN}
+{_LOCK_USERS}
+CALL () {{
+  UNWIND $p.sessions AS s
+  OPTIONAL MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
+    USING INDEX t:Turn(user_id, session_id)
+  WITH s, max(t.turn_index) AS top
+  WHERE top >= s.turn_index
+  RETURN collect({{user_id: s.user_id, session_id: s.session_id}}) AS late
+}}
+{_CREATE_ROWS}
+CALL () {{
+  UNWIND $p.sessions AS s
+  UNWIND s.turn_ids AS turn_id
+  MATCH (t:Turn {{turn_id: turn_id}})
+  CALL (s, t) {{
+    MATCH (p:Turn {{user_id: s.user_id, session_id: s.session_id}})
+      USING INDEX p:Turn(user_id, session_id)
+    WHERE p.turn_index < s.turn_index
+    WITH t, p
+    ORDER BY p.turn_index DESC, p.llm = t.llm DESC, p.ts DESC, p.turn_id DESC
+    LIMIT 1
+    CREATE (t)-[:FOLLOWS]->(p)
+  }}
+}}
+{_UPDATE_PAIRS}
+RETURN late
 """
 
 _SESSION_TURNS = f"""
@@ -418,6 +472,22 @@ def rust_codec_active() -> bool:
     from neo4j._codec.packstream import v1
 
     return getattr(v1, "_rust_pack", None) is not None
+
+
+def _appends_only(items: list[Interaction]) -> bool:
+    """Whether a write group may use the one-statement write (:data:`_WRITE_APPENDS`): no id
+    or idempotency key twice in the group, and one ``turn_index`` per session."""
+    ids = {it.interaction_id for it in items}
+    keys = [it.idempotency_key for it in items if it.idempotency_key]
+    if len(ids) < len(items) or len(set(keys)) < len(keys):
+        return False
+    index: dict[_SessionKey, int] = {}
+    for it in items:
+        if it.session_id and index.setdefault((it.user_id, it.session_id), it.turn_index) != (
+            it.turn_index
+        ):
+            return False
+    return True
 
 
 def _turn_row(d: dict[str, Any]) -> TurnRow:
@@ -784,17 +854,30 @@ class Neo4jGraphStore(GraphStore):
                 fut.set_result(res)
 
     async def _write_group(self, batches: list[list[Interaction]]) -> list[list[RecordResult]]:
-        """Write the batches in one transaction; results per batch. Raises StoreUnavailable."""
+        """Write the batches in one transaction; results per batch. Raises StoreUnavailable.
+
+        A group without duplicates among its own ids and keys, whose sessions each get new
+        turns of one ``turn_index``, is first written in one statement (:data:`_WRITE_APPENDS`,
+        the common case: one round trip less). When a uniqueness constraint rejects it (a
+        key or id is stored already: a retried record, or another replica's), it is written
+        again with the duplicate check (:meth:`_write_tx`).
+        """
         items = [it for batch in batches for it in batch]
+        one_statement = _appends_only(items)
         for attempt in range(1, _CONSTRAINT_ATTEMPTS + 1):
+            work = self._write_appends_tx if one_statement else self._write_tx
             try:
                 async with self._session() as session:
-                    flat = await session.execute_write(self._write_tx, items)
+                    flat = await session.execute_write(work, items)
                 break
             except neo4j_errors.ConstraintError as exc:
                 if attempt == _CONSTRAINT_ATTEMPTS:
                     raise self._unavailable(exc, "record") from exc
-                log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
+                if one_statement:
+                    log.debug("a key or id of the write group is stored; checking duplicates")
+                    one_statement = False
+                else:
+                    log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
             except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
                 raise self._unavailable(exc, "record") from exc
         self.write_transactions += 1
@@ -851,6 +934,48 @@ class Neo4jGraphStore(GraphStore):
         if relink:
             await Neo4jGraphStore._relink_sessions(
                 tx, [{"user_id": u, "session_id": s} for u, s in sorted(relink)]
+            )
+        return plan.results
+
+    @staticmethod
+    async def _write_appends_tx(
+        tx: AsyncManagedTransaction, items: list[Interaction]
+    ) -> list[RecordResult]:
+        """One statement (:data:`_WRITE_APPENDS`), then a re-link of the sessions that got a
+        late turn. Only for groups that :func:`_appends_only` accepts."""
+        plan = _Plan(items, {}, set())
+        rows = plan.rows()
+        sessions: dict[_SessionKey, dict[str, Any]] = {}
+        for row in rows:
+            for turn in row["turns"]:
+                if turn["session_id"]:
+                    key = (turn["user_id"], turn["session_id"])
+                    entry = sessions.setdefault(
+                        key,
+                        {
+                            "user_id": key[0],
+                            "session_id": key[1],
+                            "turn_index": turn["turn_index"],
+                            "turn_ids": [],
+                        },
+                    )
+                    entry["turn_ids"].append(turn["turn_id"])
+        written = await (
+            await tx.run(
+                _WRITE_APPENDS,
+                p={
+                    "users": plan.users(),
+                    "names": plan.llms(),
+                    "sessions": [sessions[k] for k in sorted(sessions)],
+                    "rows": rows,
+                    "pairs": plan.pairs(),
+                },
+            )
+        ).single(strict=True)
+        late = sorted((s["user_id"], s["session_id"]) for s in written["late"])
+        if late:
+            await Neo4jGraphStore._relink_sessions(
+                tx, [{"user_id": u, "session_id": s} for u, s in late]
             )
         return plan.results
 

@@ -143,9 +143,10 @@ async def test_a_turn_written_between_read_and_write_is_relinked(
             return {} if len(calls) == 1 else real(records)
 
         monkeypatch.setattr(neo4j_store, "_tails", stale_first_read)
-        await s.record([make(3, turn=2, model="m-a")])
+        # Two turn indexes of one session in one write: the two-statement path.
+        await s.record([make(3, turn=2, model="m-a"), make(4, turn=3, model="m-a")])
         assert len(calls) == 2
-        items = [make(1, turn=0), make(2, turn=1), make(3, turn=2)]
+        items = [make(1, turn=0), make(2, turn=1), make(3, turn=2), make(4, turn=3)]
         assert stored_follows(clean_neo4j) == await expected_follows(items)
         assert stored_follows(clean_neo4j)["i0003:m-a"] == "i0002:m-a"
     finally:
@@ -176,3 +177,50 @@ async def test_random_orders_and_concurrent_writers(clean_neo4j: Neo4jTarget, se
     finally:
         await a.close()
         await b.close()
+
+
+def test_which_groups_take_the_one_statement_write() -> None:
+    """One statement only without duplicates in the group and with one index per session."""
+    assert neo4j_store._appends_only([make(1, turn=0), make(2, session="s2", turn=5)])
+    assert neo4j_store._appends_only([make(1, turn=3), make(2, turn=3)])  # same index
+    assert neo4j_store._appends_only([make(1, session="", turn=0), make(2, session="", turn=1)])
+    assert not neo4j_store._appends_only([make(1, turn=0), make(2, turn=1)])
+    assert not neo4j_store._appends_only([make(1, key="k"), make(2, key="k", session="s2")])
+    assert not neo4j_store._appends_only([make(1), make(1, session="s2")])  # the same id
+
+
+async def test_one_statement_write_and_its_fallback(
+    clean_neo4j: Neo4jTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends take the one statement; a stored key makes it fail on the uniqueness
+    constraint and the group is written again with the duplicate check, in full."""
+    calls: list[str] = []
+    for name in ("_write_tx", "_write_appends_tx"):
+        real = getattr(neo4j_store.Neo4jGraphStore, name)
+
+        def spy(tx: Any, items: Any, _real: Any = real, _name: str = name) -> Any:
+            calls.append(_name)
+            return _real(tx, items)
+
+        monkeypatch.setattr(neo4j_store.Neo4jGraphStore, name, staticmethod(spy))
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        first = [make(1, turn=0, comparison=Comparison("m-a", "m-b")), make(2, turn=1)]
+        for it in first:
+            await s.record([it])
+        assert calls == ["_write_appends_tx", "_write_appends_tx"]
+        calls.clear()
+        retried = make(9, session="s3", key="k0002")  # a retry of record 2 under another id
+        res = await s.record([make(3, turn=2, model="m-b"), retried, make(4, session="s2")])
+        assert calls == ["_write_appends_tx", "_write_tx"]
+        assert [(r.interaction_id, r.duplicate) for r in res] == [
+            ("i0003", False),
+            ("i0002", True),
+            ("i0004", False),
+        ]
+        assert (await s.counts())["interaction"] == 4
+        items = [*first, make(3, turn=2, model="m-b"), make(4, session="s2")]
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+    finally:
+        await s.close()
