@@ -670,6 +670,13 @@ class Neo4jGraphStore(GraphStore):
         self.connection_acquisition_timeout_s = connection_acquisition_timeout_s
         #: Write transactions committed so far (one per group commit); for tests and metrics.
         self.write_transactions = 0
+        #: One-statement writes rolled back on a stored key or id and written again with the
+        #: duplicate check (a retried record, or another replica's); for tests and metrics.
+        self.one_statement_fallbacks = 0
+        #: Whether the database enforces unique ``Query.interaction_id`` and
+        #: ``Query.idempotency_key`` (checked by :meth:`open`). The one-statement write has no
+        #: duplicate check of its own, so without them every group takes the two statements.
+        self.unique_ids_enforced = False
         self._driver: AsyncDriver | None = None
         self._bookmarks: AsyncBookmarkManager | None = None
         self._pending: list[_Pending] = []
@@ -712,6 +719,7 @@ class Neo4jGraphStore(GraphStore):
                 for statement in SCHEMA:
                     await self._create_schema(session, statement)
                 await (await session.run("CALL db.awaitIndexes(300)")).consume()
+                enforced = await self._unique_ids_enforced(session)
         except BaseException as exc:
             await driver.close()
             if isinstance(exc, neo4j_errors.Neo4jError | neo4j_errors.DriverError):
@@ -719,7 +727,28 @@ class Neo4jGraphStore(GraphStore):
             raise
         self._driver = driver
         self._bookmarks = AsyncGraphDatabase.bookmark_manager()
+        self.unique_ids_enforced = enforced
+        if not enforced:
+            log.warning(
+                "Neo4j at %s lacks a uniqueness constraint on Query.interaction_id or "
+                "Query.idempotency_key (an index on the same property blocks creating it?); "
+                "every write checks for duplicates with an extra statement",
+                self.uri,
+            )
         log.info("opened %r (rust codec: %s)", self, rust_codec_active())
+
+    @staticmethod
+    async def _unique_ids_enforced(session: AsyncSession) -> bool:
+        """Whether uniqueness constraints (or node keys) cover ``Query.interaction_id`` and
+        ``Query.idempotency_key`` each on its own (``SHOW CONSTRAINTS``)."""
+        result = await session.run("SHOW CONSTRAINTS YIELD type, labelsOrTypes, properties")
+        unique = {
+            (tuple(r["labelsOrTypes"] or ()), tuple(r["properties"] or ()))
+            async for r in result
+            if "UNIQUENESS" in r["type"] or "KEY" in r["type"]
+            if "RELATIONSHIP" not in r["type"]
+        }
+        return {(("Query",), ("interaction_id",)), (("Query",), ("idempotency_key",))} <= unique
 
     @staticmethod
     async def _create_schema(session: AsyncSession, statement: str) -> None:
@@ -858,26 +887,30 @@ class Neo4jGraphStore(GraphStore):
 
         A group without duplicates among its own ids and keys, whose sessions each get new
         turns of one ``turn_index``, is first written in one statement (:data:`_WRITE_APPENDS`,
-        the common case: one round trip less). When a uniqueness constraint rejects it (a
-        key or id is stored already: a retried record, or another replica's), it is written
-        again with the duplicate check (:meth:`_write_tx`).
+        the common case: one round trip less) when the database enforces unique ids and keys
+        (:attr:`unique_ids_enforced`). When a uniqueness constraint rejects it (a key or id is
+        stored already: a retried record, or another replica's), it is written again with the
+        duplicate check (:meth:`_write_tx`), which has its own :data:`_CONSTRAINT_ATTEMPTS`.
         """
         items = [it for batch in batches for it in batch]
-        one_statement = _appends_only(items)
-        for attempt in range(1, _CONSTRAINT_ATTEMPTS + 1):
+        one_statement = self.unique_ids_enforced and _appends_only(items)
+        attempt = 0
+        while True:
             work = self._write_appends_tx if one_statement else self._write_tx
             try:
                 async with self._session() as session:
                     flat = await session.execute_write(work, items)
                 break
             except neo4j_errors.ConstraintError as exc:
+                if one_statement:
+                    # A key or id is stored already: write again with the duplicate check.
+                    self.one_statement_fallbacks += 1
+                    one_statement = False
+                    continue
+                attempt += 1
                 if attempt == _CONSTRAINT_ATTEMPTS:
                     raise self._unavailable(exc, "record") from exc
-                if one_statement:
-                    log.debug("a key or id of the write group is stored; checking duplicates")
-                    one_statement = False
-                else:
-                    log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
+                log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
             except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
                 raise self._unavailable(exc, "record") from exc
         self.write_transactions += 1

@@ -206,6 +206,7 @@ async def test_one_statement_write_and_its_fallback(
     s = open_neo4j(clean_neo4j)
     await s.open()
     try:
+        assert s.unique_ids_enforced
         first = [make(1, turn=0, comparison=Comparison("m-a", "m-b")), make(2, turn=1)]
         for it in first:
             await s.record([it])
@@ -220,7 +221,40 @@ async def test_one_statement_write_and_its_fallback(
             ("i0004", False),
         ]
         assert (await s.counts())["interaction"] == 4
+        assert s.one_statement_fallbacks == 1
         items = [*first, make(3, turn=2, model="m-b"), make(4, session="s2")]
         assert stored_follows(clean_neo4j) == await expected_follows(items)
     finally:
         await s.close()
+
+
+async def test_without_a_unique_constraint_every_write_checks_duplicates(
+    clean_neo4j: Neo4jTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database where the key's uniqueness constraint could not be created (say, an index
+    on the same property was there first): no one-statement write, duplicates still caught."""
+    db = clean_neo4j.credentials.database or "neo4j"
+    with GraphDatabase.driver(clean_neo4j.uri, auth=clean_neo4j.auth()) as driver:
+        driver.execute_query("DROP CONSTRAINT query_idempotency_key IF EXISTS", database_=db)
+    monkeypatch.setattr(
+        neo4j_store,
+        "SCHEMA",
+        tuple(x for x in neo4j_store.SCHEMA if "query_idempotency_key" not in x),
+    )
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        assert not s.unique_ids_enforced
+        await s.record([make(1)])
+        [res] = await s.record([make(2, session="s2", key="k0001")])  # a retry of record 1
+        assert (res.interaction_id, res.duplicate) == ("i0001", True)
+        assert (await s.counts())["interaction"] == 1
+    finally:
+        await s.close()
+        monkeypatch.undo()
+        again = open_neo4j(clean_neo4j)
+        await again.open()  # creates the constraint again
+        try:
+            assert again.unique_ids_enforced
+        finally:
+            await again.close()
