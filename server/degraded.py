@@ -6,7 +6,8 @@ Three parts:
 * :class:`BudgetedStore` — the store as the Select path sees it (the scorer and the per-query
   and per-user evidence): every read is abandoned after ``store.select_timeout_ms`` and raises
   :class:`~graphstore.errors.StoreTimeoutError`; after a failed read, and while an abandoned
-  read still runs, its reads fail at once instead of waiting for the store again.
+  read still runs, its reads fail at once instead of waiting for the store again (the
+  evidence reads' own failures do not hold it).
 * :class:`SnapshotPriorScorer` — the Bradley–Terry prior that remembers its last successful
   fit, so that a degraded answer needs no store read.
 * :class:`DegradingScorer` — wraps the real scorer: on a store failure, a read over budget,
@@ -70,16 +71,31 @@ _RESERVE_FRACTION = 0.1
 _T = TypeVar("_T")
 
 
+class StoreHeldError(StoreUnavailableError):
+    """A :class:`BudgetedStore` read was not tried: the store is held (:meth:`BudgetedStore.held`).
+
+    Attributes:
+        reason: "slow" or "unavailable", as the hold's cause.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class BudgetedStore(GraphStore):
     """A store whose reads give up after ``budget_ms`` (for the Select path only).
 
     Writes are passed through untouched: a write is never abandoned half way (see
     ``RoutingService.record``).
 
-    A read that fails or runs over budget holds the store for :data:`HOLD_S` seconds: reads
-    in that time, and reads while an abandoned one still runs, raise at once without calling
-    the store (a Select's evidence reads then cost nothing while the store is down, instead
-    of ``budget_ms`` each); the first read after the hold tries the store again.
+    A scorer's read that fails or runs over budget holds the store for :data:`HOLD_S`
+    seconds: every read in that time, and every read while an abandoned one still runs, raises
+    :class:`StoreHeldError` at once without calling the store (a Select's evidence reads then
+    cost nothing while the store is down, instead of ``budget_ms`` each); the first read after
+    the hold tries the store again. The evidence reads (``query_pair_counts``,
+    ``user_comparisons``) honour the hold but do not set it: their failure costs only that
+    Select's evidence, never the scorer.
 
     Args:
         inner: The (opened) store.
@@ -95,29 +111,35 @@ class BudgetedStore(GraphStore):
         #: Reads past their budget that are still running.
         self.abandoned = 0
         self._hold_until = -float("inf")
-        self._hold_reason = ""
+        self._hold_reason = ("unavailable", "")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def held(self) -> str | None:
-        """Why a read now would fail at once without calling the store; None when it would
-        call it (see the class docstring)."""
+    def held(self) -> tuple[str, str] | None:
+        """Whether a read now would fail at once without calling the store: ``(reason,
+        why)`` — ``reason`` "slow" or "unavailable" (the ``select_degraded_total`` label),
+        ``why`` a sentence — or None when it would call the store (class docstring)."""
         if self.abandoned:
             return (
+                "slow",
                 f"the graph store is slow: {self.abandoned} earlier read(s) still running "
-                f"past the {self.budget_ms:g} ms budget"
+                f"past the {self.budget_ms:g} ms budget",
             )
         if time.monotonic() < self._hold_until:
             return self._hold_reason
         return None
 
-    def _hold(self, why: str) -> None:
+    def _hold(self, reason: str, why: str) -> None:
         self._hold_until = time.monotonic() + HOLD_S
-        self._hold_reason = f"{why} (store left alone for {HOLD_S:g} s after a failure)"
+        self._hold_reason = (
+            reason,
+            f"{why} (store left alone for {HOLD_S:g} s after a failure)",
+        )
 
-    async def _read(self, what: str, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Await ``coro`` for at most ``budget_ms``.
+    async def _read(self, what: str, coro: Coroutine[Any, Any, _T], *, holds: bool = True) -> _T:
+        """Await ``coro`` for at most ``budget_ms``; with ``holds`` False a failure does not
+        hold the store (the evidence reads: a failure of theirs costs only the evidence).
 
         A read over budget is abandoned, not cancelled: it runs on in the background (counted
         in :attr:`abandoned` until it ends), so that slow first steps after a store restart
@@ -125,26 +147,31 @@ class BudgetedStore(GraphStore):
         at every budget would keep the store cold for ever.
 
         Raises:
-            StoreUnavailableError: the store is held (:meth:`held`; ``coro`` is closed
-                without running), or the store failed (this holds it).
+            StoreHeldError: the store is held (:meth:`held`; ``coro`` is closed without
+                running).
+            StoreUnavailableError: the store failed (this holds it).
             StoreTimeoutError: it took longer than ``budget_ms`` (this holds it).
         """
-        why = self.held()
-        if why is not None:
+        held = self.held()
+        if held is not None:
             coro.close()
-            raise StoreUnavailableError(f"graph store {what} not tried: {why}")
+            raise StoreHeldError(f"graph store {what} not tried: {held[1]}", held[0])
         task = asyncio.ensure_future(coro)
         try:
             return await asyncio.wait_for(asyncio.shield(task), self.budget_ms / 1e3)
         except TimeoutError:
             self._abandon(task)
-            self._hold(f"the graph store is slow: {what} took over {self.budget_ms:g} ms")
+            if holds:
+                self._hold(
+                    "slow", f"the graph store is slow: {what} took over {self.budget_ms:g} ms"
+                )
             raise StoreTimeoutError(
                 f"graph store {what} did not answer within {self.budget_ms:g} ms "
                 f"(store.select_timeout_ms)"
             ) from None
         except StoreUnavailableError as exc:
-            self._hold(f"the graph store is unavailable: {exc}")
+            if holds:
+                self._hold("unavailable", f"the graph store is unavailable: {exc}")
             raise
         except asyncio.CancelledError:
             self._abandon(task)
@@ -200,11 +227,15 @@ class BudgetedStore(GraphStore):
 
     async def query_pair_counts(self, query_key: str, limit: int) -> list[PairCount]:
         """See :meth:`GraphStore.query_pair_counts`; raises StoreTimeoutError past the budget."""
-        return await self._read("query_pair_counts", self.inner.query_pair_counts(query_key, limit))
+        return await self._read(
+            "query_pair_counts", self.inner.query_pair_counts(query_key, limit), holds=False
+        )
 
     async def user_comparisons(self, user_id: str, limit: int) -> list[UserComparison]:
         """See :meth:`GraphStore.user_comparisons`; raises StoreTimeoutError past the budget."""
-        return await self._read("user_comparisons", self.inner.user_comparisons(user_id, limit))
+        return await self._read(
+            "user_comparisons", self.inner.user_comparisons(user_id, limit), holds=False
+        )
 
     async def counts(self) -> dict[str, int]:
         """See :meth:`GraphStore.counts`; raises StoreTimeoutError past the budget."""
@@ -321,9 +352,8 @@ class DegradingScorer:
         if now < self._hold_until:
             return self._degraded(candidates, "unavailable", self._hold_reason)
         held = self.store.held() if self.store is not None else None
-        if held is not None:  # an evidence read failed, or a read is still over budget
-            slow = self.store is not None and self.store.abandoned > 0
-            return self._degraded(candidates, "slow" if slow else "unavailable", held)
+        if held is not None:  # a read failed (another Select's), or one is still over budget
+            return self._degraded(candidates, *held)
         deadline = CALL_DEADLINE.get()
         timeout: float | None = None
         if deadline is not None:
@@ -336,6 +366,8 @@ class DegradingScorer:
         try:
             async with asyncio.timeout(timeout):
                 scores = await self.inner.score(user_id, query_embedding, candidates)
+        except StoreHeldError as exc:  # held while this Select ran: no new failure
+            return self._degraded(candidates, exc.reason, str(exc))
         except StoreTimeoutError as exc:
             return self._fail(candidates, "slow", f"the graph store is slow: {exc}")
         except StoreUnavailableError as exc:

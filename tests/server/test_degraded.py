@@ -95,8 +95,8 @@ async def test_no_time_left_before_the_deadline_answers_at_once() -> None:
 
 
 async def test_a_failed_read_holds_the_store_for_every_select_read() -> None:
-    """After a failed read the budgeted store is not called for HOLD_S seconds: the scorer
-    and the per-query evidence (which would otherwise wait for the store again, each
+    """After a failed scorer read the budgeted store is not called for HOLD_S seconds: the
+    scorer and the per-query evidence (which would otherwise wait for the store again, each
     Select) fail at once; then the store is tried again."""
     store = SQLiteGraphStore(":memory:", embedding_dim=DIM)
     budgeted = BudgetedStore(store, budget_ms=500)
@@ -119,7 +119,7 @@ async def test_a_failed_read_holds_the_store_for_every_select_read() -> None:
         prior = SnapshotPriorScorer(budgeted, refresh_s=0.0)
         source = QueryEvidenceSource(QueryEvidenceSettings(), budgeted, prior, executor)
         ev = await source.evidence(query_key("q"), ["a", "b"])
-        assert ev is not None and ev.error == "StoreUnavailableError" and not ev.comparisons
+        assert ev is not None and ev.error == "StoreHeldError" and not ev.comparisons
         metrics = Metrics()
         scorer = DegradingScorer(prior, prior, metrics, budgeted)
         assert (await scorer.score("u", None, ["a", "b"])).method == degraded.METHOD_UNIFORM
@@ -132,6 +132,12 @@ async def test_a_failed_read_holds_the_store_for_every_select_read() -> None:
         ev = await source.evidence(query_key("q"), ["a", "b"])
         assert ev is not None and not ev.error and ev.comparisons == 3
         assert (await scorer.score("u", None, ["a", "b"])).method == "bt_prior"
+
+        # An evidence read's own failure costs only the evidence: no hold.
+        await store.close()
+        with pytest.raises(StoreUnavailableError):
+            await budgeted.query_pair_counts(query_key("other"), 10)
+        assert budgeted.held() is None
     finally:
         executor.shutdown()
         await store.close()

@@ -240,7 +240,7 @@ def test_stalled_neo4j_degrades_select_and_keeps_record_exact(
                 sel = stub.Select(fresh, timeout=SELECT_DEADLINE_S)
                 latencies.append(time.monotonic() - t0)
                 assert sel.method == "degraded_bt_prior", sel
-                assert "per-query evidence unavailable (StoreUnavailableError)" in sel.reasoning
+                assert "per-query evidence unavailable (StoreHeldError)" in sel.reasoning
             # The write cannot finish while Neo4j is stalled: the client's deadline passes
             # (outcome unknown to the client).
             stalled = record_request("stalled-write", "stall-user", 5)
