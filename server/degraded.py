@@ -130,7 +130,10 @@ class BudgetedStore(GraphStore):
             return self._hold_reason
         return None
 
-    def _hold(self, reason: str, why: str) -> None:
+    def hold(self, reason: str, why: str) -> None:
+        """Hold the store for :data:`HOLD_S` seconds from now (:meth:`held` then returns
+        ``reason`` and ``why``); a failed scorer read does this, and so does
+        :class:`DegradingScorer` on a failed Select."""
         self._hold_until = time.monotonic() + HOLD_S
         self._hold_reason = (
             reason,
@@ -162,7 +165,7 @@ class BudgetedStore(GraphStore):
         except TimeoutError:
             self._abandon(task)
             if holds:
-                self._hold(
+                self.hold(
                     "slow", f"the graph store is slow: {what} took over {self.budget_ms:g} ms"
                 )
             raise StoreTimeoutError(
@@ -171,7 +174,7 @@ class BudgetedStore(GraphStore):
             ) from None
         except StoreUnavailableError as exc:
             if holds:
-                self._hold("unavailable", f"the graph store is unavailable: {exc}")
+                self.hold("unavailable", f"the graph store is unavailable: {exc}")
             raise
         except asyncio.CancelledError:
             self._abandon(task)
@@ -349,7 +352,7 @@ class DegradingScorer:
         reserve (at most 50 ms, at most 10 % of what is left).
         """
         now = time.monotonic()
-        if now < self._hold_until:
+        if now < self._hold_until:  # without a store (with one, its hold below)
             return self._degraded(candidates, "unavailable", self._hold_reason)
         held = self.store.held() if self.store is not None else None
         if held is not None:  # a read failed (another Select's), or one is still over budget
@@ -382,8 +385,11 @@ class DegradingScorer:
         return scores
 
     def _fail(self, candidates: Sequence[str], reason: str, why: str) -> Scores:
-        self._hold_until = time.monotonic() + HOLD_S
-        self._hold_reason = f"{why} (store left alone for {HOLD_S:g} s after a failure)"
+        if self.store is not None:  # one hold, shared with the evidence reads
+            self.store.hold("unavailable", why)
+        else:
+            self._hold_until = time.monotonic() + HOLD_S
+            self._hold_reason = f"{why} (store left alone for {HOLD_S:g} s after a failure)"
         log.warning("select degraded", reason=reason, error=why)
         return self._degraded(candidates, reason, why)
 
