@@ -469,6 +469,7 @@ def ghz_binary() -> tuple[Path | None, str]:
     go = shutil.which("go")
     if go is None:
         return None, "go is not on PATH"
+    log(f"building {GHZ_MODULE} with go install (once; about a minute) ...")
     try:
         p = subprocess.run(
             [go, "install", GHZ_MODULE],
