@@ -47,8 +47,10 @@ notes the sessions whose stored turns already reach the new index (a late turn),
 queries, turns and responses with ``UNWIND``, links each new turn to its previous turn among
 the stored turns of its session (the rule of
 :func:`graphstore.neighbourhood.link_previous_turns`) and updates the pair counts (a
-``PairCount`` gets its ``MODEL_A``/``MODEL_B`` edges when it is created); sessions with a
-late turn are then re-linked as a whole in the same transaction. There is no duplicate check
+``PairCount`` gets its ``MODEL_A``/``MODEL_B`` edges when it is created); in sessions with
+a late turn, every turn whose previous turn changed is re-linked by the same statement. Being
+one statement, it runs through the driver's ``execute_query``, which sends BEGIN with RUN
+and PULL (two round trips per transaction instead of three). There is no duplicate check
 in it: a key or id stored already (a retried record, or another replica's) fails a
 uniqueness constraint, the transaction rolls back, and the group is written again the other
 way.
@@ -81,7 +83,10 @@ from neo4j import (
     AsyncDriver,
     AsyncGraphDatabase,
     AsyncManagedTransaction,
+    AsyncResult,
     AsyncSession,
+    Record,
+    RoutingControl,
 )
 from neo4j import exceptions as neo4j_errors
 from neo4j.api import AsyncBookmarkManager
@@ -254,14 +259,25 @@ CALL () {{
 RETURN tails
 """
 
+# The previous turn of turn t among the turns of its session s, by the rule of
+# graphstore.neighbourhood.link_previous_turns: the greatest turn_index below t's, then the
+# same LLM, then the newest, then the greatest turn_id (the order _previous_turns gives ties).
+_PREVIOUS_TURN = """
+    MATCH (p:Turn {user_id: s.user_id, session_id: s.session_id})
+      USING INDEX p:Turn(user_id, session_id)
+    WHERE p.turn_index < t.turn_index
+    WITH t, p
+    ORDER BY p.turn_index DESC, p.llm = t.llm DESC, p.ts DESC, p.turn_id DESC
+    LIMIT 1"""
+
 # The whole write in one statement (see Neo4jGraphStore._write_group for when it is used):
 # no duplicate check (the uniqueness constraints reject a duplicate: the caller writes again
 # with the two statements above), and every session gets new turns of one turn_index only,
-# so the previous turn of each new turn is among the stored turns of its session: by the rule
-# of graphstore.neighbourhood.link_previous_turns, the greatest turn_index below the new one,
-# then the same LLM, then the newest, then the greatest turn_id. Sessions whose stored turns
-# already reach the new index (a late turn) are returned, read under the users' locks before
-# the new rows exist; the caller re-links them in the same transaction.
+# so the previous turn of each new turn is among the stored turns of its session. Sessions
+# whose stored turns already reach the new index (a late turn: a stored turn's previous turn
+# may now be a new one) are found under the users' locks before the new rows exist, and every
+# turn of them whose previous turn changed is re-linked at the end. One statement, so the
+# driver sends BEGIN, RUN and PULL at once and COMMIT next: two round trips in all.
 _WRITE_APPENDS = f"""{_NO_REPLAN}
 {_LOCK_USERS}
 CALL () {{
@@ -277,18 +293,28 @@ CALL () {{
   UNWIND $p.sessions AS s
   UNWIND s.turn_ids AS turn_id
   MATCH (t:Turn {{turn_id: turn_id}})
-  CALL (s, t) {{
-    MATCH (p:Turn {{user_id: s.user_id, session_id: s.session_id}})
-      USING INDEX p:Turn(user_id, session_id)
-    WHERE p.turn_index < s.turn_index
-    WITH t, p
-    ORDER BY p.turn_index DESC, p.llm = t.llm DESC, p.ts DESC, p.turn_id DESC
-    LIMIT 1
+  CALL (s, t) {{{_PREVIOUS_TURN}
     CREATE (t)-[:FOLLOWS]->(p)
   }}
 }}
+CALL (late) {{
+  UNWIND late AS s
+  MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
+    USING INDEX t:Turn(user_id, session_id)
+  CALL (s, t) {{
+    OPTIONAL CALL (s, t) {{{_PREVIOUS_TURN}
+      RETURN p AS wanted
+    }}
+    OPTIONAL MATCH (t)-[f:FOLLOWS]->(current:Turn)
+    WITH t, wanted, f, current
+    WHERE coalesce(elementId(current), "") <> coalesce(elementId(wanted), "")
+    DELETE f
+    FOREACH (p IN CASE WHEN wanted IS NULL THEN [] ELSE [wanted] END |
+      CREATE (t)-[:FOLLOWS]->(p))
+  }}
+}}
 {_UPDATE_PAIRS}
-RETURN late
+RETURN size(late) AS relinked
 """
 
 _SESSION_TURNS = f"""
@@ -490,6 +516,15 @@ def _appends_only(items: list[Interaction]) -> bool:
     return True
 
 
+async def _single_record(result: AsyncResult) -> Record:
+    """``execute_query`` result transformer: the one record of a statement that returns one.
+
+    Raises:
+        neo4j.exceptions.ResultNotSingleError: no record, or more than one.
+    """
+    return await result.single(strict=True)
+
+
 def _turn_row(d: dict[str, Any]) -> TurnRow:
     return TurnRow(
         turn_id=d["turn_id"],
@@ -673,6 +708,9 @@ class Neo4jGraphStore(GraphStore):
         #: One-statement writes rolled back on a stored key or id and written again with the
         #: duplicate check (a retried record, or another replica's); for tests and metrics.
         self.one_statement_fallbacks = 0
+        #: Sessions re-linked as a whole by one-statement writes because a turn came late
+        #: (its turn_index is not above every stored one); for tests and metrics.
+        self.relinked_sessions = 0
         #: Whether the database enforces unique ``Query.interaction_id`` and
         #: ``Query.idempotency_key`` (checked by :meth:`open`). The one-statement write has no
         #: duplicate check of its own, so without them every group takes the two statements.
@@ -896,10 +934,12 @@ class Neo4jGraphStore(GraphStore):
         one_statement = self.unique_ids_enforced and _appends_only(items)
         attempt = 0
         while True:
-            work = self._write_appends_tx if one_statement else self._write_tx
             try:
-                async with self._session() as session:
-                    flat = await session.execute_write(work, items)
+                if one_statement:
+                    flat = await self._write_appends(items)
+                else:
+                    async with self._session() as session:
+                        flat = await session.execute_write(self._write_tx, items)
                 break
             except neo4j_errors.ConstraintError as exc:
                 if one_statement:
@@ -970,12 +1010,19 @@ class Neo4jGraphStore(GraphStore):
             )
         return plan.results
 
-    @staticmethod
-    async def _write_appends_tx(
-        tx: AsyncManagedTransaction, items: list[Interaction]
-    ) -> list[RecordResult]:
-        """One statement (:data:`_WRITE_APPENDS`), then a re-link of the sessions that got a
-        late turn. Only for groups that :func:`_appends_only` accepts."""
+    async def _write_appends(self, items: list[Interaction]) -> list[RecordResult]:
+        """The group in one statement (:data:`_WRITE_APPENDS`, which also re-links the
+        sessions that got a late turn), as one managed write transaction of the driver's
+        ``execute_query``: BEGIN is sent with RUN and PULL, so the transaction takes two round
+        trips instead of three. Only for groups that :func:`_appends_only` accepts.
+
+        Raises:
+            neo4j.exceptions.ConstraintError: a key or id is stored already (nothing written).
+            neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError: as ``execute_query``
+                raises them once its retries are spent.
+        """
+        if self._driver is None:
+            raise StoreUnavailableError("the Neo4j store is not open")
         plan = _Plan(items, {}, set())
         rows = plan.rows()
         sessions: dict[_SessionKey, dict[str, Any]] = {}
@@ -993,23 +1040,23 @@ class Neo4jGraphStore(GraphStore):
                         },
                     )
                     entry["turn_ids"].append(turn["turn_id"])
-        written = await (
-            await tx.run(
-                _WRITE_APPENDS,
-                p={
+        written: Record = await self._driver.execute_query(
+            _WRITE_APPENDS,
+            {
+                "p": {
                     "users": plan.users(),
                     "names": plan.llms(),
                     "sessions": [sessions[k] for k in sorted(sessions)],
                     "rows": rows,
                     "pairs": plan.pairs(),
-                },
-            )
-        ).single(strict=True)
-        late = sorted((s["user_id"], s["session_id"]) for s in written["late"])
-        if late:
-            await Neo4jGraphStore._relink_sessions(
-                tx, [{"user_id": u, "session_id": s} for u, s in late]
-            )
+                }
+            },
+            routing_=RoutingControl.WRITE,
+            database_=self.database,
+            bookmark_manager_=self._bookmarks,
+            result_transformer_=_single_record,
+        )
+        self.relinked_sessions += int(written["relinked"])
         return plan.results
 
     @staticmethod

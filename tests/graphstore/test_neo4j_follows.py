@@ -111,10 +111,12 @@ async def test_late_turns_relink_the_session(clean_neo4j: Neo4jTarget) -> None:
         for it in items:
             await s.record([it])
         assert stored_follows(clean_neo4j) == {"i0003:m-a": "i0001:m-a"}
+        assert s.relinked_sessions == 1  # turn 1 came after turn 3: in the one statement
         # Turn 2 comes late: turn 3 now follows it.
         late = [make(2, turn=2, comparison=Comparison("m-b", "m-a"))]
         await s.record(late)
         items += late
+        assert s.relinked_sessions == 2
         assert stored_follows(clean_neo4j) == await expected_follows(items)
         assert stored_follows(clean_neo4j)["i0003:m-a"] == "i0002:m-a"
         # A late turn and an appended one of the same session in one write.
@@ -179,6 +181,23 @@ async def test_random_orders_and_concurrent_writers(clean_neo4j: Neo4jTarget, se
         await b.close()
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+async def test_random_orders_one_record_at_a_time(clean_neo4j: Neo4jTarget, seed: int) -> None:
+    """Every call is a group of one: the one-statement write, whose re-link of sessions with
+    a late turn must give the FOLLOWS edges the whole-session rule gives."""
+    s = open_neo4j(clean_neo4j)
+    await s.open()
+    try:
+        items = random_items(seed, 40)
+        for it in items:
+            await s.record([it])
+        assert s.one_statement_fallbacks == 0
+        assert s.relinked_sessions > 0
+        assert stored_follows(clean_neo4j) == await expected_follows(items)
+    finally:
+        await s.close()
+
+
 def test_which_groups_take_the_one_statement_write() -> None:
     """One statement only without duplicates in the group and with one index per session."""
     assert neo4j_store._appends_only([make(1, turn=0), make(2, session="s2", turn=5)])
@@ -195,14 +214,19 @@ async def test_one_statement_write_and_its_fallback(
     """Appends take the one statement; a stored key makes it fail on the uniqueness
     constraint and the group is written again with the duplicate check, in full."""
     calls: list[str] = []
-    for name in ("_write_tx", "_write_appends_tx"):
-        real = getattr(neo4j_store.Neo4jGraphStore, name)
+    real_tx = neo4j_store.Neo4jGraphStore._write_tx
+    real_appends = neo4j_store.Neo4jGraphStore._write_appends
 
-        def spy(tx: Any, items: Any, _real: Any = real, _name: str = name) -> Any:
-            calls.append(_name)
-            return _real(tx, items)
+    def spy_tx(tx: Any, items: Any) -> Any:
+        calls.append("_write_tx")
+        return real_tx(tx, items)
 
-        monkeypatch.setattr(neo4j_store.Neo4jGraphStore, name, staticmethod(spy))
+    def spy_appends(self: Any, items: Any) -> Any:
+        calls.append("_write_appends")
+        return real_appends(self, items)
+
+    monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_tx", staticmethod(spy_tx))
+    monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_appends", spy_appends)
     s = open_neo4j(clean_neo4j)
     await s.open()
     try:
@@ -210,11 +234,11 @@ async def test_one_statement_write_and_its_fallback(
         first = [make(1, turn=0, comparison=Comparison("m-a", "m-b")), make(2, turn=1)]
         for it in first:
             await s.record([it])
-        assert calls == ["_write_appends_tx", "_write_appends_tx"]
+        assert calls == ["_write_appends", "_write_appends"]
         calls.clear()
         retried = make(9, session="s3", key="k0002")  # a retry of record 2 under another id
         res = await s.record([make(3, turn=2, model="m-b"), retried, make(4, session="s2")])
-        assert calls == ["_write_appends_tx", "_write_tx"]
+        assert calls == ["_write_appends", "_write_tx"]
         assert [(r.interaction_id, r.duplicate) for r in res] == [
             ("i0003", False),
             ("i0002", True),
