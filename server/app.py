@@ -53,6 +53,12 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
+def _event_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: which event loop runs this server (``server.event_loop``)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
 class _AccessLog(grpc.aio.ServerInterceptor):
     """One log line per RPC (method, user id, latency in ms, status code) and its metrics.
 
@@ -80,7 +86,7 @@ class _AccessLog(grpc.aio.ServerInterceptor):
 
         def _begin() -> float:
             if metrics is not None:
-                metrics.rpc_in_flight.labels(name).inc()
+                metrics.labelled(metrics.rpc_in_flight, name).inc()
             return time.perf_counter()
 
         def _done(
@@ -88,7 +94,7 @@ class _AccessLog(grpc.aio.ServerInterceptor):
         ) -> None:
             elapsed = time.perf_counter() - start
             if metrics is not None:
-                metrics.rpc_in_flight.labels(name).dec()
+                metrics.labelled(metrics.rpc_in_flight, name).dec()
                 metrics.observe_rpc(name, status, elapsed)
             user = getattr(request, "user_id", None) or ",".join(getattr(request, "user_ids", []))
             log.info(
@@ -385,6 +391,7 @@ class RouterServer:
             auth_tokens=len(tokens),
             metrics_port=self.metrics_port or None,
             max_inflight=cfg.max_inflight or None,
+            event_loop=_event_loop_name(),
         )
         self.metrics.set_model_version(getattr(scorer, "model_version", "unknown"))
         return self.port

@@ -1,9 +1,11 @@
-"""``gmtrouter train`` on the bundled LLMFAO sample: the user split reaches training."""
+"""The ``gmtrouter`` command line: ``train`` on the bundled LLMFAO sample, ``serve``'s event loop."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from model.checkpoint import load_checkpoint
@@ -40,3 +42,16 @@ def test_train_and_evaluate_default_to_the_training_configs_weight_average() -> 
         cmd = group.get_command(ctx, name)  # type: ignore[attr-defined]
         (param,) = [p for p in cmd.params if p.name == "ema_decay"]
         assert param.default == TrainConfig().ema_decay, name
+
+
+def test_serve_event_loop_falls_back_to_asyncio_without_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop
+
+    from server.cli import _loop_factory
+
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert _loop_factory("uvloop") is None

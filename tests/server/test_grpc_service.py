@@ -290,7 +290,9 @@ def test_embedded_store_survives_restart(tmp_path: Path) -> None:
     finally:
         assert srv.stop(signal.SIGTERM) == 0, srv.log()
     assert '"event": "stopped"' in srv.log()
-    srv2 = ServerProcess(tmp_path, store).start()
+    assert '"event_loop": "uvloop"' in srv.log()  # the default server.event_loop
+    # The restarted server runs on asyncio's own event loop: the same answers.
+    srv2 = ServerProcess(tmp_path, store, {"server": {"event_loop": "asyncio"}}).start()
     try:
         with grpc.insecure_channel(srv2.address) as ch:
             stub = router_pb2_grpc.RouterServiceStub(ch)
@@ -308,3 +310,4 @@ def test_embedded_store_survives_restart(tmp_path: Path) -> None:
             assert compare(stub, "durable-user", "d-good", "d-bad", key="k0").duplicate
     finally:
         srv2.stop()
+    assert '"event_loop": "asyncio"' in srv2.log()
