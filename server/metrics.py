@@ -41,6 +41,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from gmtrouter.v1 import router_pb2 as pb
 from graphstore.interactions import (
@@ -161,16 +162,30 @@ class Metrics:
             registry=r,
         )
         self._model_version: str | None = None
+        #: Labelled children by (metric, label values), see :meth:`labelled`.
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
     # -- recording ---------------------------------------------------------------------------
 
+    def labelled(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """``metric.labels(*values)``, memoised: every RPC and store call updates a few
+        labelled series, and prometheus_client checks the label values and takes a lock on
+        each ``labels()`` call. For metrics whose series are never removed (all but
+        ``model_info``), whose label values come from a small fixed set (method names,
+        status codes, store operations)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe_rpc(self, method: str, code: str, latency_s: float) -> None:
         """Count one finished RPC and its latency."""
-        self.rpc_requests.labels(method, code).inc()
-        self.rpc_latency.labels(method, code).observe(latency_s)
+        self.labelled(self.rpc_requests, method, code).inc()
+        self.labelled(self.rpc_latency, method, code).observe(latency_s)
 
     def observe_response(self, method: str, response: Any) -> None:
         """Look at a successful response: Select's decision method and model version."""
@@ -235,10 +250,12 @@ class InstrumentedStore(GraphStore):
         try:
             return await coro
         except Exception:
-            self.metrics.store_errors.labels(operation).inc()
+            self.metrics.labelled(self.metrics.store_errors, operation).inc()
             raise
         finally:
-            self.metrics.store_latency.labels(operation).observe(time.perf_counter() - start)
+            self.metrics.labelled(self.metrics.store_latency, operation).observe(
+                time.perf_counter() - start
+            )
 
     async def open(self) -> None:
         """See :meth:`GraphStore.open`."""
