@@ -708,8 +708,9 @@ class Neo4jGraphStore(GraphStore):
         #: One-statement writes rolled back on a stored key or id and written again with the
         #: duplicate check (a retried record, or another replica's); for tests and metrics.
         self.one_statement_fallbacks = 0
-        #: Sessions re-linked as a whole by one-statement writes because a turn came late
-        #: (its turn_index is not above every stored one); for tests and metrics.
+        #: Sessions whose FOLLOWS edges one-statement writes re-checked (and re-linked where
+        #: a previous turn changed) because a turn came late (its turn_index not above every
+        #: stored one); for tests and metrics.
         self.relinked_sessions = 0
         #: Whether the database enforces unique ``Query.interaction_id`` and
         #: ``Query.idempotency_key`` (checked by :meth:`open`). The one-statement write has no
