@@ -606,6 +606,8 @@ def record_rps_go(
 
     Raises:
         RuntimeError: the generator exited non-zero (its stderr in the message).
+        subprocess.TimeoutExpired: it ran 300 s past ``duration_s``.
+        ValueError, KeyError: its output is not the JSON object it prints.
     """
     embs = unit_rows(np.random.default_rng(13), 64)
     data = WORK / "loadgen-record.bin"
@@ -631,7 +633,9 @@ def record_rps_go(
         "calls": int(out["calls"]),
         "errors": sum(out["errors"].values()),
         "seconds": round(float(out["seconds"]), 2),
-        "latency": {k: round(float(v), 3) for k, v in out["latency"].items()},
+        "latency": {
+            k: int(v) if k == "n" else round(float(v), 3) for k, v in out["latency"].items()
+        },
         "client": "go (bench/loadgen, grpc-go)",
         "client_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
     }
@@ -1013,9 +1017,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             lambda: record_rps_go(loadgen, nsrv.address, cands, dur, "neo4j-go"),
                             npid,
                         )
-                    except RuntimeError as exc:
-                        log(f"warning: the Go load generator failed: {exc}")
-                        r_go = {"failed": str(exc)}
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+                        log(f"warning: the Go load generator failed: {exc!r}")
+                        r_go = {"failed": repr(exc)}
                 with grpc.insecure_channel(nsrv.address) as ch:
                     log("select (Neo4j, JIT settled) ...")
                     neo_block_jit = select_block(ch, "bench-u50", cands, n_small * 2, warm=50)
@@ -1059,6 +1063,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result["select_neo4j_p50_ms"] = None
             result["record_rps_neo4j"] = None
+            result["record_rps_neo4j_client"] = None
+            result["record_rps_neo4j_go_client"] = None
+            result["record_rps_neo4j_python_client"] = None
             result["record_rps_neo4j_fresh_jvm"] = None
             result["select_neo4j_warm_jvm_p50_ms"] = None
 

@@ -286,7 +286,9 @@ CALL () {{
     USING INDEX t:Turn(user_id, session_id)
   WITH s, max(t.turn_index) AS top
   WHERE top >= s.turn_index
-  RETURN collect({{user_id: s.user_id, session_id: s.session_id}}) AS late
+  RETURN collect(
+    {{user_id: s.user_id, session_id: s.session_id, turn_index: s.turn_index}}
+  ) AS late
 }}
 {_CREATE_ROWS}
 CALL () {{
@@ -301,16 +303,18 @@ CALL (late) {{
   UNWIND late AS s
   MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
     USING INDEX t:Turn(user_id, session_id)
+  // only a turn above the new index can have a new turn as its previous one, and it always
+  // has a previous turn (a new one at least)
+  WHERE t.turn_index > s.turn_index
   CALL (s, t) {{
-    OPTIONAL CALL (s, t) {{{_PREVIOUS_TURN}
+    CALL (s, t) {{{_PREVIOUS_TURN}
       RETURN p AS wanted
     }}
     OPTIONAL MATCH (t)-[f:FOLLOWS]->(current:Turn)
     WITH t, wanted, f, current
-    WHERE coalesce(elementId(current), "") <> coalesce(elementId(wanted), "")
+    WHERE current IS NULL OR current <> wanted
     DELETE f
-    FOREACH (p IN CASE WHEN wanted IS NULL THEN [] ELSE [wanted] END |
-      CREATE (t)-[:FOLLOWS]->(p))
+    CREATE (t)-[:FOLLOWS]->(wanted)
   }}
 }}
 {_UPDATE_PAIRS}
@@ -926,10 +930,11 @@ class Neo4jGraphStore(GraphStore):
 
         A group without duplicates among its own ids and keys, whose sessions each get new
         turns of one ``turn_index``, is first written in one statement (:data:`_WRITE_APPENDS`,
-        the common case: one round trip less) when the database enforces unique ids and keys
-        (:attr:`unique_ids_enforced`). When a uniqueness constraint rejects it (a key or id is
-        stored already: a retried record, or another replica's), it is written again with the
-        duplicate check (:meth:`_write_tx`), which has its own :data:`_CONSTRAINT_ATTEMPTS`.
+        the common case: BEGIN pipelined with it, two round trips fewer) when the database
+        enforces unique ids and keys (:attr:`unique_ids_enforced`). When a uniqueness
+        constraint rejects it (a key or id is stored already: a retried record, or another
+        replica's), it is written again with the duplicate check (:meth:`_write_tx`), which
+        has its own :data:`_CONSTRAINT_ATTEMPTS`.
         """
         items = [it for batch in batches for it in batch]
         one_statement = self.unique_ids_enforced and _appends_only(items)
@@ -1018,6 +1023,7 @@ class Neo4jGraphStore(GraphStore):
         trips instead of three. Only for groups that :func:`_appends_only` accepts.
 
         Raises:
+            StoreUnavailableError: the store is not open.
             neo4j.exceptions.ConstraintError: a key or id is stored already (nothing written).
             neo4j.exceptions.Neo4jError, neo4j.exceptions.DriverError: as ``execute_query``
                 raises them once its retries are spent.

@@ -70,7 +70,10 @@ func mainErr(addr, templatesPath string, concurrency, connections int, duration 
 	// One call per connection before the clock starts: every connection is up.
 	for i, c := range clients {
 		req := request(bases, fmt.Sprintf("bench-rec-%s-warm", run), i)
-		if _, err := c.RecordResponse(ctx, req); err != nil {
+		callCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
+		_, err := c.RecordResponse(callCtx, req)
+		cancel()
+		if err != nil {
 			return fmt.Errorf("first call on connection %d: %w", i, err)
 		}
 	}
@@ -112,19 +115,38 @@ func mainErr(addr, templatesPath string, concurrency, connections int, duration 
 	wg.Wait()
 	seconds := time.Since(start).Seconds()
 	sort.Float64s(latencies)
-	pct := func(q float64) float64 {
-		if len(latencies) == 0 {
-			return 0
-		}
-		return latencies[int(q*float64(len(latencies)-1))]
+	mean := 0.0
+	for _, v := range latencies {
+		mean += v / float64(len(latencies))
 	}
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"rps":     float64(len(latencies)) / seconds,
 		"calls":   len(latencies),
 		"errors":  errors,
 		"seconds": seconds,
-		"latency": map[string]float64{"p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99)},
+		"latency": map[string]float64{
+			"n":       float64(len(latencies)),
+			"p50_ms":  percentile(latencies, 0.50),
+			"p90_ms":  percentile(latencies, 0.90),
+			"p99_ms":  percentile(latencies, 0.99),
+			"mean_ms": mean,
+		},
 	})
+}
+
+// percentile of sorted values, interpolated linearly between the closest ranks (numpy's
+// default, which bench/run.py uses for the Python client); 0 without values.
+func percentile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	pos := q * float64(len(sorted)-1)
+	lo := int(pos)
+	if lo+1 >= len(sorted) {
+		return sorted[len(sorted)-1]
+	}
+	frac := pos - float64(lo)
+	return sorted[lo] + frac*(sorted[lo+1]-sorted[lo])
 }
 
 // request is call i of one client: template i mod len(bases), in session i/5 of user, turn

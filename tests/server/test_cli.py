@@ -44,14 +44,24 @@ def test_train_and_evaluate_default_to_the_training_configs_weight_average() -> 
         assert param.default == TrainConfig().ema_decay, name
 
 
+def test_serve_event_loop_is_uvloop_by_default() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    from server.cli import _loop_factory
+    from server.config import ServerSettings
+
+    assert ServerSettings().event_loop == "uvloop"
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is None
+
+
 def test_serve_event_loop_falls_back_to_asyncio_without_uvloop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import uvloop
+    from structlog.testing import capture_logs
 
     from server.cli import _loop_factory
 
-    assert _loop_factory("uvloop") is uvloop.new_event_loop
-    assert _loop_factory("asyncio") is None
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
-    assert _loop_factory("uvloop") is None
+    with capture_logs() as logs:
+        assert _loop_factory("uvloop") is None
+    assert [(e["log_level"], e["setting"]) for e in logs] == [("warning", "server.event_loop")]
