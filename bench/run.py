@@ -525,17 +525,11 @@ def ghz_select_rps(
         *("-z", f"{duration_s:g}s", "--duration-stop", "wait"),
         *("-D", str(data), "-O", "json", address),
     ]
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 300)
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"ghz exited {p.returncode}: {p.stderr.strip()[-400:]}")
-    r = json.loads(p.stdout)
+    r, cpu_s = _run_load_tool("ghz", cmd, duration_s + 300)
     codes = r.get("statusCodeDistribution") or {}
     ok = int(codes.get("OK", 0))
     seconds = float(r["total"]) / 1e9
     pcts = {int(d["percentage"]): d["latency"] / 1e6 for d in r.get("latencyDistribution") or []}
-    cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     return {
         "rps": round(ok / seconds, 1),
         "calls": ok,
@@ -622,12 +616,7 @@ def record_rps_go(
         *("-concurrency", str(CONCURRENCY), "-connections", "4"),
         *("-duration", f"{duration_s:g}s"),
     ]
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 300)
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise RuntimeError(f"loadgen exited {p.returncode}: {p.stderr.strip()[-400:]}")
-    out = json.loads(p.stdout)
+    out, cpu_s = _run_load_tool("loadgen", cmd, duration_s + 300)
     return {
         "rps": round(float(out["rps"]), 1),
         "calls": int(out["calls"]),
@@ -637,8 +626,26 @@ def record_rps_go(
             k: int(v) if k == "n" else round(float(v), 3) for k, v in out["latency"].items()
         },
         "client": "go (bench/loadgen, grpc-go)",
-        "client_cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
+        "client_cpu_s": cpu_s,
     }
+
+
+def _run_load_tool(name: str, cmd: list[str], timeout_s: float) -> tuple[Any, float]:
+    """Run a load generator (ghz, ``bench/loadgen``) that prints one JSON document: that
+    document and the CPU seconds the tool used (user + system).
+
+    Raises:
+        RuntimeError: it exited non-zero (its stderr in the message).
+        subprocess.TimeoutExpired: it ran longer than ``timeout_s`` seconds.
+        ValueError: its output is not JSON.
+    """
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} exited {p.returncode}: {p.stderr.strip()[-400:]}")
+    cpu_s = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    return json.loads(p.stdout), cpu_s
 
 
 def _encode_uvarint(n: int) -> bytes:
