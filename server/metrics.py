@@ -175,7 +175,11 @@ class Metrics:
         labelled series, and prometheus_client checks the label values and takes a lock on
         each ``labels()`` call. For metrics whose series are never removed (all but
         ``model_info``), whose label values come from a small fixed set (method names,
-        status codes, store operations)."""
+        status codes, store operations).
+
+        Raises:
+            ValueError: ``values`` do not match the metric's label names (prometheus_client).
+        """
         key = (metric, values)
         child = self._children.get(key)
         if child is None:
