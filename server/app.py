@@ -4,9 +4,10 @@ Lifecycle (engineering notes, "gRPC facts"): health starts NOT_SERVING, becomes 
 the store is open and the models are loaded and warm; on SIGTERM/SIGINT it goes NOT_SERVING,
 in-flight calls get ``server.grace_period_s`` to finish, then the store is flushed and closed.
 
-Interceptors, outermost first: access log + metrics (sees every outcome, rejections
-included), bearer-token authentication (``server/security.py``, when tokens are configured),
-load shedding (``server.max_inflight``). TLS/mTLS comes from ``server.tls``; Prometheus
+Every RouterService method goes through :class:`server.rpc_gate.RpcGate`, outermost first:
+access log + metrics (sees every outcome, rejections included), bearer-token authentication
+(``server/security.py``, when tokens are configured), load shedding
+(``server.max_inflight``). TLS/mTLS comes from ``server.tls``; Prometheus
 metrics are served on ``server.metrics_port`` (``server/metrics.py``).
 """
 
@@ -16,9 +17,8 @@ import asyncio
 import concurrent.futures
 import os
 import signal
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -35,11 +35,12 @@ from graphstore.interactions import query_key
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder, auto_threads
 from server.config import Settings
-from server.degraded import CALL_DEADLINE, BudgetedStore, DegradingScorer, SnapshotPriorScorer
+from server.degraded import BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.heap import freeze_long_lived, thaw
 from server.metrics import InstrumentedStore, Metrics
 from server.query_evidence import QueryEvidenceSource
 from server.routing import RoutingService
+from server.rpc_gate import RpcGate
 from server.scoring import Scorer
 from server.security import BearerAuth, load_tokens, server_credentials
 from server.servicer import RouterServicer
@@ -57,159 +58,6 @@ def _event_loop_name() -> str:
     """``uvloop`` or ``asyncio``: which event loop runs this server (``server.event_loop``)."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
-
-
-class _AccessLog(grpc.aio.ServerInterceptor):
-    """One log line per RPC (method, user id, latency in ms, status code) and its metrics.
-
-    It also publishes each unary call's gRPC deadline (:data:`server.degraded.CALL_DEADLINE`,
-    local to the call's task) so that Select can answer degraded before it expires.
-
-    Args:
-        metrics: Where RPC counts, latencies, in-flight gauges and Select decisions go.
-    """
-
-    def __init__(self, metrics: Metrics | None = None) -> None:
-        self.metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith("/grpc."):
-            return handler
-        name = method.rsplit("/", 1)[-1]
-        metrics = self.metrics
-
-        def _begin() -> float:
-            if metrics is not None:
-                metrics.labelled(metrics.rpc_in_flight, name).inc()
-            return time.perf_counter()
-
-        def _done(
-            request: Any, context: grpc.aio.ServicerContext, start: float, status: str
-        ) -> None:
-            elapsed = time.perf_counter() - start
-            if metrics is not None:
-                metrics.labelled(metrics.rpc_in_flight, name).dec()
-                metrics.observe_rpc(name, status, elapsed)
-            user = getattr(request, "user_id", None) or ",".join(getattr(request, "user_ids", []))
-            log.info(
-                "rpc",
-                method=name,
-                user_id=user,
-                request_id=getattr(request, "request_id", "") or None,
-                latency_ms=round(elapsed * 1e3, 3),
-                status=status,
-            )
-
-        def _status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
-            code = context.code() if hasattr(context, "code") else None
-            if isinstance(code, grpc.StatusCode):
-                return code.name
-            if exc is None:
-                return "OK"
-            return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
-
-        if handler.unary_unary is not None:
-            inner_uu: Any = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = _begin()
-                exc: BaseException | None = None
-                remaining = context.time_remaining()
-                CALL_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
-                try:
-                    response = await inner_uu(request, context)
-                    if metrics is not None:
-                        metrics.observe_response(name, response)
-                    return response
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    _done(request, context, start, _status(context, exc))
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_us: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start = _begin()
-                exc: BaseException | None = None
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    _done(request, context, start, _status(context, exc))
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-class _LoadShed(grpc.aio.ServerInterceptor):
-    """Bound the unary RouterService RPCs handled at once; beyond it, RESOURCE_EXHAUSTED.
-
-    Streams (long-lived by design) and health/reflection calls are not counted. The check
-    runs on the event loop before any work is queued (no await between check and count), so
-    a rejection is cheap and exact; the caller may retry elsewhere or later.
-
-    Args:
-        max_inflight: The bound (>= 1).
-    """
-
-    def __init__(self, max_inflight: int) -> None:
-        if max_inflight < 1:
-            raise ValueError(f"max_inflight (got {max_inflight}) must be >= 1")
-        self.max_inflight = max_inflight
-        self.in_flight = 0
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or handler_call_details.method.startswith("/grpc.")
-        ):
-            return handler
-        inner: Any = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if self.in_flight >= self.max_inflight:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self.in_flight} calls in flight (server.max_inflight "
-                    f"{self.max_inflight}); retry with backoff",
-                )
-            self.in_flight += 1
-            try:
-                return await inner(request, context)
-            finally:
-                self.in_flight -= 1
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
 
 
 def build_scorer(
@@ -307,14 +155,12 @@ class RouterServer:
         cfg = self.settings.server
         credentials = server_credentials(cfg.tls)
         tokens = load_tokens(cfg.auth, self.environ)
-        interceptors: list[grpc.aio.ServerInterceptor] = [_AccessLog(self.metrics)]
-        if tokens.enabled:
-            interceptors.append(BearerAuth(tokens))
-            if credentials is None:
-                log.warning("bearer tokens over plaintext gRPC: configure server.tls")
-        if cfg.max_inflight:
-            interceptors.append(_LoadShed(cfg.max_inflight))
-        self.server = grpc.aio.server(interceptors=interceptors)
+        if tokens.enabled and credentials is None:
+            log.warning("bearer tokens over plaintext gRPC: configure server.tls")
+        gate = RpcGate(
+            self.metrics, BearerAuth(tokens) if tokens.enabled else None, cfg.max_inflight
+        )
+        self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -339,8 +185,10 @@ class RouterServer:
                 self.settings, store, scorer.inner, self.metrics, self.service.notify_all
             )
             await self.learner.start()
-        router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(self.service), self.server
+        gate.register(
+            router_pb2_grpc.add_RouterServiceServicer_to_server,
+            RouterServicer(self.service),
+            self.server,
         )
         reflection.enable_server_reflection(
             (

@@ -2,11 +2,12 @@
 
 * TLS / mutual TLS: :func:`server_credentials` turns ``server.tls`` into gRPC server
   credentials (PEM files read once at start-up).
-* Bearer tokens: :class:`BearerAuth` is a server interceptor that checks the
-  ``authorization: Bearer <token>`` metadata of every RouterService call against a
+* Bearer tokens: :class:`BearerAuth` checks the ``authorization: Bearer <token>``
+  metadata of every RouterService call (:class:`server.rpc_gate.RpcGate` asks it) against a
   :class:`TokenTable` (``server.auth.tokens_file`` and env ``GMTROUTER_AUTH_TOKENS``).
   No or an unknown token → UNAUTHENTICATED; a known token without the method's scope →
-  PERMISSION_DENIED. Health checks and reflection stay open (probes carry no token).
+  PERMISSION_DENIED. Health checks and reflection stay open (probes carry no token): they
+  are registered outside the gate.
 
 Tokens are kept only as SHA-256 digests and are never logged; a token's *fingerprint* (the
 first 8 hex digits of its digest) identifies it in logs.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,6 @@ METHOD_SCOPES: Mapping[str, str] = {
     "StreamPreferences": "route",
     "DeleteUser": "admin",
 }
-
-#: Method-path prefixes that never need a token (Kubernetes probes, grpcurl discovery).
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 #: Shortest accepted token (characters): guessable tokens are refused at start-up.
 MIN_TOKEN_CHARS = 16
@@ -172,31 +170,6 @@ def load_tokens(auth: AuthSettings, environ: Mapping[str, str]) -> TokenTable:
     return TokenTable.from_tokens(tokens)
 
 
-def rejecting_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that fails every call with ``code``."""
-
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def abort_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    ser = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(abort, **ser)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **ser)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(abort, **ser)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, **ser)
-
-
 def bearer_token(metadata: Any) -> str | None:
     """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
     for key, value in metadata or ():
@@ -208,8 +181,9 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Require a known bearer token (with the method's scope) on every RouterService call.
+class BearerAuth:
+    """Require a known bearer token (with the method's scope) on every RouterService call;
+    :class:`server.rpc_gate.RpcGate` asks it before each call.
 
     Args:
         tokens: The accepted tokens.
@@ -218,34 +192,25 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        token = bearer_token(handler_call_details.invocation_metadata)
+    def check(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call's ``authorization: Bearer <token>`` metadata carries a known
+        token with the scope ``method`` (a RouterService method name, e.g. ``"Select"``)
+        needs; else the status code and message to abort the call with: UNAUTHENTICATED (no
+        or an unknown token) or PERMISSION_DENIED (the token lacks the scope)."""
+        token = bearer_token(metadata)
         if token is None:
-            return rejecting_handler(
-                handler,
+            return (
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing bearer token: send metadata 'authorization: Bearer <token>'",
             )
         scopes = self.tokens.scopes(token)
         if scopes is None:
             log.warning("rejected token", method=method, token=fingerprint(token))
-            return rejecting_handler(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
-            )
-        name = method.rsplit("/", 1)[-1]
-        need = METHOD_SCOPES.get(name, "admin")
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
+        need = METHOD_SCOPES.get(method, "admin")
         if need not in scopes:
-            return rejecting_handler(
-                handler,
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"token {fingerprint(token)} lacks scope {need!r} needed by {name}",
+                f"token {fingerprint(token)} lacks scope {need!r} needed by {method}",
             )
-        return handler
+        return None
