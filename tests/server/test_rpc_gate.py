@@ -20,7 +20,7 @@ from server.servicer import RouterServicer
 from tests.server.inprocess import running, select_request
 
 
-def test_registers_every_router_method_wrapped() -> None:
+async def test_registers_every_router_method_wrapped() -> None:
     server = grpc.aio.server()
     seen: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
@@ -40,7 +40,7 @@ def test_registers_every_router_method_wrapped() -> None:
         assert handlers[name].request_deserializer is not None
 
 
-def test_refuses_what_it_cannot_gate() -> None:
+async def test_refuses_what_it_cannot_gate() -> None:
     with pytest.raises(ValueError, match="max_inflight"):
         RpcGate(None, max_inflight=-1)
 
