@@ -20,7 +20,7 @@ Three parts:
   no restart.
 
 The call's deadline reaches the scorer through :data:`CALL_DEADLINE`, set per RPC by the
-access-log interceptor (``server/app.py``).
+RPC gate (``server/rpc_gate.py``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One :class:`Metrics` object per server, on its own registry (no module-level sta
 over HTTP on ``server.metrics_port``. Series (all prefixed ``gmtrouter_``):
 
 * ``rpc_requests_total{method,code}`` and ``rpc_latency_seconds{method,code}`` (histogram):
-  every RouterService RPC, recorded by the access-log interceptor (``server/app.py``).
+  every RouterService RPC, recorded by the RPC gate (``server/rpc_gate.py``).
 * ``rpc_in_flight{method}``: RPCs being handled now.
 * ``store_operation_seconds{operation}`` (histogram) and ``store_errors_total{operation}``:
   every graph-store call, through :class:`InstrumentedStore`.
