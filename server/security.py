@@ -7,7 +7,8 @@
   :class:`TokenTable` (``server.auth.tokens_file`` and env ``GMTROUTER_AUTH_TOKENS``).
   No or an unknown token → UNAUTHENTICATED; a known token without the method's scope →
   PERMISSION_DENIED. Health checks and reflection stay open (probes carry no token): they
-  are registered outside the gate.
+  are registered outside the gate. A service registered without the gate is open too: every
+  service that needs a token goes through ``RpcGate.register`` (``server/app.py``).
 
 Tokens are kept only as SHA-256 digests and are never logged; a token's *fingerprint* (the
 first 8 hex digits of its digest) identifies it in logs.
