@@ -1,8 +1,17 @@
-"""The bench's steady-state rule for Neo4j's JIT warm-up (bench/run.py)."""
+"""The bench's steady-state rules (bench/run.py): Neo4j's JIT warm-up, the record windows."""
 
 from __future__ import annotations
 
-from bench.run import JIT_SETTLED_SHARE, JIT_SETTLED_WINDOWS, _jit_settled
+from collections.abc import Callable
+from typing import Any
+
+from bench.run import (
+    JIT_SETTLED_SHARE,
+    JIT_SETTLED_WINDOWS,
+    _jit_settled,
+    median_window,
+    record_rounds,
+)
 
 
 def _curve(*shares: float) -> list[dict[str, float]]:
@@ -20,3 +29,45 @@ def test_settled_needs_consecutive_quiet_windows() -> None:
     assert _jit_settled(_curve(busy, busy, *[quiet] * JIT_SETTLED_WINDOWS))
     # the bound is strict
     assert not _jit_settled(_curve(*[JIT_SETTLED_SHARE] * JIT_SETTLED_WINDOWS))
+
+
+def test_median_window_is_a_measured_window() -> None:
+    assert median_window([]) is None
+    windows = [{"rps": 900.0, "k": 0}, {"rps": 1200.0, "k": 1}, {"rps": 1000.0, "k": 2}]
+    m = median_window(windows)
+    assert m is not None and m["k"] == 2 and m["rps"] == 1000.0
+    assert m["rps_windows"] == [900.0, 1200.0, 1000.0]
+    # an even count takes the lower middle window, never an average nobody measured
+    m = median_window([*windows, {"rps": 1100.0, "k": 3}])
+    assert m is not None and m["k"] == 2
+
+
+def test_record_rounds_alternate_and_survive_a_failing_go_client() -> None:
+    order: list[str] = []
+
+    def window(client: str) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            order.append(client)
+            return {"rps": float(len(order))}
+
+        return run
+
+    py, go, failed = record_rounds(window("py"), window("go"), 3)
+    assert order == ["go", "py", "py", "go", "go", "py"]
+    assert [w["rps"] for w in py] == [2.0, 3.0, 6.0] and [w["rps"] for w in go] == [1.0, 4.0, 5.0]
+    assert failed is None
+
+    calls = 0
+
+    def go_fails_second() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("loadgen exited 1")
+        return {"rps": 1.0}
+
+    py, go, failed = record_rounds(lambda: {"rps": 2.0}, go_fails_second, 3)
+    assert len(py) == 3 and len(go) == 1 and calls == 2
+    assert failed is not None and "loadgen exited 1" in failed
+    py, go, failed = record_rounds(lambda: {"rps": 2.0}, None, 2)
+    assert len(py) == 2 and go == [] and failed is None
