@@ -717,8 +717,8 @@ def _record_until_steady(
 
 #: Rounds of steady-state record windows: each round one window per client (Go load
 #: generator, grpc's Python client), in alternating order; the headline is the median window.
-#: Single 8 s windows of one settled server spread about +-10 % (session 12, 4 rounds each:
-#: Go 1,056-1,290 /s, Python 1,052-1,118 /s), mostly in Neo4j's CPU per record.
+#: Single 8 s windows of one settled server spread (session 12, 4 rounds each: Go 1,056-1,290
+#: /s, about +-10 %; Python 1,052-1,118 /s, about +-3 %), mostly in Neo4j's CPU per record.
 RECORD_ROUNDS = 3
 
 
@@ -732,13 +732,14 @@ def median_window(windows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None
 
 
 def record_rounds(
-    run_python: Callable[[], dict[str, Any]],
-    run_go: Callable[[], dict[str, Any]] | None,
+    run_python: Callable[[int], dict[str, Any]],
+    run_go: Callable[[int], dict[str, Any]] | None,
     rounds: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """``rounds`` rounds of one Python-client and one Go-client window each, the order
-    alternating (Go first in even rounds), so that drift over the run (Neo4j's store and
-    indexes grow, background work comes and goes) falls on both clients alike.
+    """``rounds`` rounds of one Python-client and one Go-client window each (each run is
+    passed its round number), the order alternating (Go first in even rounds), so that drift
+    over the run (Neo4j's store and indexes grow, background work comes and goes) falls on
+    both clients roughly alike (a median does not cancel a trend exactly).
 
     Returns: the Python client's windows, the Go client's and why the Go client stopped
     (``repr`` of its error; None when it ran every round or ``run_go`` is None). A Go
@@ -750,10 +751,10 @@ def record_rounds(
     for k in range(rounds):
         for client in ("go", "python") if k % 2 == 0 else ("python", "go"):
             if client == "python":
-                py.append(run_python())
+                py.append(run_python(k))
             elif run_go is not None and go_failed is None:
                 try:
-                    go.append(run_go())
+                    go.append(run_go(k))
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
                     log(f"warning: the Go load generator failed: {exc!r}")
                     go_failed = repr(exc)
@@ -1078,27 +1079,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # and Neo4j), in alternating windows; each figure is its median window.
                 loadgen, loadgen_missing = loadgen_binary()
 
-                def go_window(exe: Path) -> dict[str, Any]:
+                def go_window(exe: Path, k: int) -> dict[str, Any]:
                     return with_cpu(
                         nsrv,
-                        lambda: record_rps_go(exe, nsrv.address, cands, dur, "neo4j-go"),
+                        lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}"),
+                        npid,
+                    )
+
+                def py_window(k: int) -> dict[str, Any]:
+                    return with_cpu(
+                        nsrv,
+                        lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}"),
                         npid,
                     )
 
                 rounds = 1 if args.quick else RECORD_ROUNDS
-                log(f"record c32 (Neo4j, JIT settled, {rounds} rounds of Python and Go) ...")
+                clients = "Python" if loadgen is None else "Python and Go"
+                log(f"record c32 (Neo4j, JIT settled, {rounds} rounds of {clients}) ...")
                 py_windows, go_windows, go_failed = record_rounds(
-                    lambda: with_cpu(
-                        nsrv,
-                        lambda: record_rps(nsrv.address, cands, dur, "neo4j-jit-warm"),
-                        npid,
-                    ),
+                    py_window,
                     None if loadgen is None else functools.partial(go_window, loadgen),
                     rounds,
                 )
                 r_rps_jit = median_window(py_windows)
                 assert r_rps_jit is not None
-                r_go: dict[str, Any] = median_window(go_windows) or {"skipped": loadgen_missing}
+                r_rps_jit["rounds"] = rounds
+                r_go: dict[str, Any] = median_window(go_windows) or (
+                    {"skipped": loadgen_missing} if loadgen is None else {}
+                )
+                if loadgen is not None:
+                    # fewer windows than rounds: a Go window failed (see "failed")
+                    r_go["rounds"] = rounds
                 if go_failed is not None:
                     r_go["failed"] = go_failed
                 with grpc.insecure_channel(nsrv.address) as ch:

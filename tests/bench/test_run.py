@@ -37,37 +37,39 @@ def test_median_window_is_a_measured_window() -> None:
     m = median_window(windows)
     assert m is not None and m["k"] == 2 and m["rps"] == 1000.0
     assert m["rps_windows"] == [900.0, 1200.0, 1000.0]
+    # the caller's windows are left as they were
+    assert all("rps_windows" not in w for w in windows)
     # an even count takes the lower middle window, never an average nobody measured
     m = median_window([*windows, {"rps": 1100.0, "k": 3}])
     assert m is not None and m["k"] == 2
 
 
 def test_record_rounds_alternate_and_survive_a_failing_go_client() -> None:
-    order: list[str] = []
+    order: list[tuple[str, int]] = []
 
-    def window(client: str) -> Callable[[], dict[str, Any]]:
-        def run() -> dict[str, Any]:
-            order.append(client)
+    def window(client: str) -> Callable[[int], dict[str, Any]]:
+        def run(k: int) -> dict[str, Any]:
+            order.append((client, k))
             return {"rps": float(len(order))}
 
         return run
 
     py, go, failed = record_rounds(window("py"), window("go"), 3)
-    assert order == ["go", "py", "py", "go", "go", "py"]
+    assert order == [("go", 0), ("py", 0), ("py", 1), ("go", 1), ("go", 2), ("py", 2)]
     assert [w["rps"] for w in py] == [2.0, 3.0, 6.0] and [w["rps"] for w in go] == [1.0, 4.0, 5.0]
     assert failed is None
 
     calls = 0
 
-    def go_fails_second() -> dict[str, Any]:
+    def go_fails_second(k: int) -> dict[str, Any]:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise RuntimeError("loadgen exited 1")
         return {"rps": 1.0}
 
-    py, go, failed = record_rounds(lambda: {"rps": 2.0}, go_fails_second, 3)
+    py, go, failed = record_rounds(lambda k: {"rps": 2.0}, go_fails_second, 3)
     assert len(py) == 3 and len(go) == 1 and calls == 2
     assert failed is not None and "loadgen exited 1" in failed
-    py, go, failed = record_rounds(lambda: {"rps": 2.0}, None, 2)
+    py, go, failed = record_rounds(lambda k: {"rps": 2.0}, None, 2)
     assert len(py) == 2 and go == [] and failed is None
