@@ -5,7 +5,10 @@ that noise from other work on the machine shows up in both:
 
 * latencies are measured *interleaved* with ``grpc.health.v1.Health/Check`` calls (one
   health call, one measured call, ...), and each block reports its own health p50;
-* throughputs are reported next to the health-check throughput at the same concurrency.
+* throughputs are reported next to the health-check throughput at the same concurrency;
+* the host's own speed (``host_calibration_ms``: the CPU time of a fixed pure-Python loop) is
+  read at the start, before each steady-state record window and at the end, so that a slow
+  host shows as a slow host and not as a slower server.
 
 The server under test is a separate process (``python -m server.cli serve``) serving a
 trained GMTRouter checkpoint (``out/bench/ckpt.pt``, trained on the bundled LLMFAO sample
@@ -32,6 +35,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -907,6 +911,42 @@ def with_cpu(
     return out
 
 
+#: Iterations of the fixed loop that :func:`host_calibration_ms` times.
+CALIBRATION_LOOP = 400_000
+
+
+def host_calibration_ms(loop: int = CALIBRATION_LOOP, reps: int = 7) -> float:
+    """This thread's CPU time for a fixed pure-Python loop, in ms: the median of ``reps``.
+
+    The host's speed, taken between windows when the machine is quiet: the same work, so a
+    larger figure is a slower host (a noisy neighbour on the VM, a lower clock), not a change
+    of ours. Thread CPU time, so that another process pre-empting this one does not count;
+    a slower CPU does. (Session 13, between record windows on one VM: the same loop's
+    median took 26-40 ms of wall time within ten minutes.)
+    """
+    times = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        x = 0
+        for i in range(loop):
+            x += i * i
+        times.append((time.thread_time() - t0) * 1e3)
+    return round(statistics.median(times), 2)
+
+
+def calibration_summary(values: Sequence[float]) -> dict[str, Any]:
+    """min / median / max and every value of :func:`host_calibration_ms` readings, in ms
+    (empty dict for none)."""
+    if not values:
+        return {}
+    return {
+        "min": min(values),
+        "median": round(statistics.median(values), 2),
+        "max": max(values),
+        "all": list(values),
+    }
+
+
 @contextlib.contextmanager
 def running(server: Server) -> Iterator[Server]:
     server.start()
@@ -943,6 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
+    # the host's speed at the start, before each steady-state record window and at the end
+    calibrations = [host_calibration_ms()]
     result: dict[str, Any] = {
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -1080,18 +1122,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loadgen, loadgen_missing = loadgen_binary()
 
                 def go_window(exe: Path, k: int) -> dict[str, Any]:
-                    return with_cpu(
+                    cal = host_calibration_ms()
+                    calibrations.append(cal)
+                    out = with_cpu(
                         nsrv,
                         lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}"),
                         npid,
                     )
+                    return {**out, "host_calibration_ms": cal}
 
                 def py_window(k: int) -> dict[str, Any]:
-                    return with_cpu(
+                    cal = host_calibration_ms()
+                    calibrations.append(cal)
+                    out = with_cpu(
                         nsrv,
                         lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}"),
                         npid,
                     )
+                    return {**out, "host_calibration_ms": cal}
 
                 rounds = 1 if args.quick else RECORD_ROUNDS
                 clients = "Python" if loadgen is None else "Python and Go"
@@ -1169,6 +1217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 neo.wait(timeout=300)
             neo4j_stop()
+    calibrations.append(host_calibration_ms())
+    result["host_calibration_ms"] = calibration_summary(calibrations)
     result["loadavg_start"] = [round(x, 2) for x in load_start]
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["bench_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -1,4 +1,5 @@
-"""The bench's steady-state rules (bench/run.py): Neo4j's JIT warm-up, the record windows."""
+"""The bench's steady-state rules (bench/run.py): Neo4j's JIT warm-up, the record windows,
+the host-speed calibration."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from bench.run import (
     JIT_SETTLED_SHARE,
     JIT_SETTLED_WINDOWS,
     _jit_settled,
+    calibration_summary,
+    host_calibration_ms,
     median_window,
     record_rounds,
 )
@@ -73,3 +76,21 @@ def test_record_rounds_alternate_and_survive_a_failing_go_client() -> None:
     assert failed is not None and "loadgen exited 1" in failed
     py, go, failed = record_rounds(lambda k: {"rps": 2.0}, None, 2)
     assert len(py) == 2 and go == [] and failed is None
+
+
+def test_host_calibration_times_a_fixed_amount_of_work() -> None:
+    small = host_calibration_ms(loop=50_000, reps=5)
+    large = host_calibration_ms(loop=400_000, reps=5)
+    # 8 times the work: thread CPU time follows it (another process taking the core does
+    # not count; a host that slows by a third between the two readings still passes)
+    assert small > 0 and large > 3 * small
+
+
+def test_calibration_summary_keeps_every_reading() -> None:
+    assert calibration_summary([]) == {}
+    assert calibration_summary([30.0, 26.0, 40.0, 27.0]) == {
+        "min": 26.0,
+        "median": 28.5,
+        "max": 40.0,
+        "all": [30.0, 26.0, 40.0, 27.0],
+    }
