@@ -6,9 +6,10 @@ that noise from other work on the machine shows up in both:
 * latencies are measured *interleaved* with ``grpc.health.v1.Health/Check`` calls (one
   health call, one measured call, ...), and each block reports its own health p50;
 * throughputs are reported next to the health-check throughput at the same concurrency;
-* the host's own speed (``host_calibration_ms``: the CPU time of a fixed pure-Python loop) is
-  read at the start, before each steady-state record window and at the end, so that a slow
-  host shows as a slow host and not as a slower server.
+* the host's own speed (:func:`host_calibration_ms`: this thread's CPU time for a fixed
+  pure-Python loop, median of 7, in ms) is read at the start, before each steady-state record
+  window and at the end (``host_calibration_ms_summary``), so that a slow host shows as a slow
+  host and not as a slower server.
 
 The server under test is a separate process (``python -m server.cli serve``) serving a
 trained GMTRouter checkpoint (``out/bench/ckpt.pt``, trained on the bundled LLMFAO sample
@@ -916,13 +917,14 @@ CALIBRATION_LOOP = 400_000
 
 
 def host_calibration_ms(loop: int = CALIBRATION_LOOP, reps: int = 7) -> float:
-    """This thread's CPU time for a fixed pure-Python loop, in ms: the median of ``reps``.
+    """This thread's CPU time for a fixed pure-Python loop of ``loop`` iterations, in ms: the
+    median of ``reps`` runs.
 
-    The host's speed, taken between windows when the machine is quiet: the same work, so a
-    larger figure is a slower host (a noisy neighbour on the VM, a lower clock), not a change
-    of ours. Thread CPU time, so that another process pre-empting this one does not count;
-    a slower CPU does. (Session 13, between record windows on one VM: the same loop's
-    median took 26-40 ms of wall time within ten minutes.)
+    The host's speed, read between windows while the load is off: the same work each time,
+    so a larger reading is a slower host (a noisy neighbour on the VM, a lower clock), not a
+    change of ours. Thread CPU time leaves out the time another process holds the core; it
+    does not leave out a busy SMT sibling or a cache shared with Neo4j's background threads,
+    which keep running between windows. (Session 13's run: 27.3-38.1 ms, 400,000 iterations.)
     """
     times = []
     for _ in range(reps):
@@ -934,16 +936,27 @@ def host_calibration_ms(loop: int = CALIBRATION_LOOP, reps: int = 7) -> float:
     return round(statistics.median(times), 2)
 
 
-def calibration_summary(values: Sequence[float]) -> dict[str, Any]:
-    """min / median / max and every value of :func:`host_calibration_ms` readings, in ms
-    (empty dict for none)."""
-    if not values:
+def calibrated(run: Callable[[], dict[str, Any]], readings: list[float]) -> dict[str, Any]:
+    """Read :func:`host_calibration_ms`, then run a window; the window's dict gets the reading
+    under ``host_calibration_ms``, and ``readings`` gets it once the window has run (a window
+    that raises adds nothing)."""
+    cal = host_calibration_ms()
+    out = run()
+    readings.append(cal)
+    return {**out, "host_calibration_ms": cal}
+
+
+def calibration_summary(readings: Sequence[float]) -> dict[str, Any]:
+    """min / median / max of :func:`host_calibration_ms` readings, in ms, and every reading in
+    the order taken (``all``: in ``make bench`` the start, each record window, the end);
+    an empty dict for none."""
+    if not readings:
         return {}
     return {
-        "min": min(values),
-        "median": round(statistics.median(values), 2),
-        "max": max(values),
-        "all": list(values),
+        "min": min(readings),
+        "median": round(statistics.median(readings), 2),
+        "max": max(readings),
+        "all": list(readings),
     }
 
 
@@ -1122,24 +1135,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 loadgen, loadgen_missing = loadgen_binary()
 
                 def go_window(exe: Path, k: int) -> dict[str, Any]:
-                    cal = host_calibration_ms()
-                    calibrations.append(cal)
-                    out = with_cpu(
-                        nsrv,
-                        lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}"),
-                        npid,
+                    return calibrated(
+                        lambda: with_cpu(
+                            nsrv,
+                            lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}"),
+                            npid,
+                        ),
+                        calibrations,
                     )
-                    return {**out, "host_calibration_ms": cal}
 
                 def py_window(k: int) -> dict[str, Any]:
-                    cal = host_calibration_ms()
-                    calibrations.append(cal)
-                    out = with_cpu(
-                        nsrv,
-                        lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}"),
-                        npid,
+                    return calibrated(
+                        lambda: with_cpu(
+                            nsrv,
+                            lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}"),
+                            npid,
+                        ),
+                        calibrations,
                     )
-                    return {**out, "host_calibration_ms": cal}
 
                 rounds = 1 if args.quick else RECORD_ROUNDS
                 clients = "Python" if loadgen is None else "Python and Go"
@@ -1218,7 +1231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 neo.wait(timeout=300)
             neo4j_stop()
     calibrations.append(host_calibration_ms())
-    result["host_calibration_ms"] = calibration_summary(calibrations)
+    result["host_calibration_ms_summary"] = calibration_summary(calibrations)
     result["loadavg_start"] = [round(x, 2) for x in load_start]
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["bench_seconds"] = round(time.perf_counter() - t_start, 1)

@@ -3,13 +3,17 @@ the host-speed calibration."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from bench.run import (
     JIT_SETTLED_SHARE,
     JIT_SETTLED_WINDOWS,
     _jit_settled,
+    calibrated,
     calibration_summary,
     host_calibration_ms,
     median_window,
@@ -78,12 +82,35 @@ def test_record_rounds_alternate_and_survive_a_failing_go_client() -> None:
     assert len(py) == 2 and go == [] and failed is None
 
 
-def test_host_calibration_times_a_fixed_amount_of_work() -> None:
+def test_host_calibration_is_the_median_thread_cpu_time_in_ms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # three runs of the loop reading 10, 30 and 20 ms of thread CPU time: the median, in ms
+    # (a wall clock, seconds or a mean would give another answer)
+    ticks = iter([0.0, 0.010, 1.0, 1.030, 2.0, 2.020])
+    monkeypatch.setattr(time, "thread_time", lambda: next(ticks))
+    assert host_calibration_ms(loop=10, reps=3) == 20.0
+
+
+def test_host_calibration_follows_the_amount_of_work() -> None:
     small = host_calibration_ms(loop=50_000, reps=5)
     large = host_calibration_ms(loop=400_000, reps=5)
-    # 8 times the work: thread CPU time follows it (another process taking the core does
-    # not count; a host that slows by a third between the two readings still passes)
+    # 8 times the work (a host that slows by a third between the two readings still passes)
     assert small > 0 and large > 3 * small
+
+
+def test_calibrated_windows_carry_their_reading() -> None:
+    readings: list[float] = [1.0]
+    out = calibrated(lambda: {"rps": 900.0}, readings)
+    assert out["rps"] == 900.0 and out["host_calibration_ms"] > 0
+    assert readings == [1.0, out["host_calibration_ms"]]
+
+    def failing() -> dict[str, Any]:
+        raise RuntimeError("the load generator failed")
+
+    with pytest.raises(RuntimeError):
+        calibrated(failing, readings)
+    assert len(readings) == 2  # a window that did not run adds no reading
 
 
 def test_calibration_summary_keeps_every_reading() -> None:
