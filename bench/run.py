@@ -924,7 +924,7 @@ def host_calibration_ms(loop: int = CALIBRATION_LOOP, reps: int = 7) -> float:
     so a larger reading is a slower host (a noisy neighbour on the VM, a lower clock), not a
     change of ours. Thread CPU time leaves out the time another process holds the core; it
     does not leave out a busy SMT sibling or a cache shared with Neo4j's background threads,
-    which keep running between windows. (Session 13's run: 27.3-38.1 ms, 400,000 iterations.)
+    which keep running between windows. (Session 13's two runs: 27.3-38.1 and 24.6-37.8 ms.)
     """
     times = []
     for _ in range(reps):
