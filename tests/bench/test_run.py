@@ -85,9 +85,9 @@ def test_record_rounds_alternate_and_survive_a_failing_go_client() -> None:
 def test_host_calibration_is_the_median_thread_cpu_time_in_ms(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # three runs of the loop reading 10, 30 and 20 ms of thread CPU time: the median, in ms
-    # (a wall clock, seconds or a mean would give another answer)
-    ticks = iter([0.0, 0.010, 1.0, 1.030, 2.0, 2.020])
+    # three runs of the loop reading 10, 40 and 20 ms of thread CPU time: the median, in ms
+    # (a wall clock, seconds or the mean, 23.3, would give another answer)
+    ticks = iter([0.0, 0.010, 1.0, 1.040, 2.0, 2.020])
     monkeypatch.setattr(time, "thread_time", lambda: next(ticks))
     assert host_calibration_ms(loop=10, reps=3) == 20.0
 
