@@ -1134,24 +1134,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # and Neo4j), in alternating windows; each figure is its median window.
                 loadgen, loadgen_missing = loadgen_binary()
 
+                def window(load: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+                    # one steady-state record window: the host's speed, then the load with CPU
+                    return calibrated(lambda: with_cpu(nsrv, load, npid), calibrations)
+
                 def go_window(exe: Path, k: int) -> dict[str, Any]:
-                    return calibrated(
-                        lambda: with_cpu(
-                            nsrv,
-                            lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}"),
-                            npid,
-                        ),
-                        calibrations,
+                    return window(
+                        lambda: record_rps_go(exe, nsrv.address, cands, dur, f"neo4j-go-r{k}")
                     )
 
                 def py_window(k: int) -> dict[str, Any]:
-                    return calibrated(
-                        lambda: with_cpu(
-                            nsrv,
-                            lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}"),
-                            npid,
-                        ),
-                        calibrations,
+                    return window(
+                        lambda: record_rps(nsrv.address, cands, dur, f"neo4j-jit-warm-r{k}")
                     )
 
                 rounds = 1 if args.quick else RECORD_ROUNDS
