@@ -1,4 +1,5 @@
-"""What the Neo4j store hands the driver: embeddings as bytes whose ``repr`` is short.
+"""What the Neo4j store hands the driver: embeddings as bytes, and the one-statement write's
+parameter map, whose ``repr`` is short.
 
 The driver formats every RUN message's parameters with ``repr`` for its debug log before it
 checks the log level; the embedding bytes of a group commit made that a 170,000-character
@@ -13,7 +14,7 @@ from neo4j._codec.packstream._common import PackableBuffer
 from neo4j._codec.packstream.v1 import Packer
 
 from graphstore.interactions import Comparison, Interaction
-from graphstore.neo4j_store import _Blob, _Plan
+from graphstore.neo4j_store import _Blob, _Parameters, _Plan
 
 
 def _interaction(i: int) -> Interaction:
@@ -34,9 +35,9 @@ def _interaction(i: int) -> Interaction:
     )
 
 
-def _packed(value: object) -> bytes:
+def _packed(value: object, key: str = "embedding") -> bytes:
     buf = PackableBuffer()  # type: ignore[no-untyped-call]
-    Packer(buf).pack({"embedding": value})  # type: ignore[no-untyped-call]
+    Packer(buf).pack({key: value})  # type: ignore[no-untyped-call]
     return bytes(buf.data)
 
 
@@ -57,3 +58,13 @@ def test_a_group_commits_parameters_repr_without_the_embeddings() -> None:
         assert repr(stored) == "<1536 bytes>"
     # what the driver's debug-log formatting pays per transaction: no embedding bytes in it
     assert len(repr(rows)) < 40_000
+
+
+def test_parameters_pack_as_the_same_map_with_a_short_repr() -> None:
+    rows = _Plan([_interaction(i) for i in range(32)], {}, set()).rows()
+    plain = {"rows": rows, "users": [{"user_id": "u0", "writes": 32}]}
+    params = _Parameters(plain)
+    assert params == plain and isinstance(params, dict)
+    assert repr(params) == "<parameters ['rows', 'users']>"
+    assert repr({"p": params}) == "{'p': <parameters ['rows', 'users']>}"
+    assert _packed(params, "p") == _packed(plain, "p")  # the driver sends the same Bolt bytes
