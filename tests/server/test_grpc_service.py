@@ -137,6 +137,10 @@ def test_select_invalid_argument(
     ("request_kwargs", "field"),
     [
         ({"user_id": "", "query": "q", "model": "a"}, "user_id"),
+        ({"user_id": "u\x00v", "query": "q", "model": "a"}, "user_id"),
+        ({"user_id": "u\x7f", "query": "q", "model": "a"}, "user_id"),
+        ({"user_id": "u", "interaction_id": "i\x1f", "query": "q", "model": "a"}, "interaction_id"),
+        ({"user_id": "u", "interaction_id": "a:b", "query": "q", "model": "a"}, "interaction_id"),
         ({"user_id": "u", "query": "q", "model": ""}, "model"),
         ({"user_id": "u", "model": "a"}, "query"),
         (
