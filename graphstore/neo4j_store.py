@@ -294,6 +294,8 @@ CALL () {{
   WITH i, $p.users[i] AS row
   MERGE (u:User {{user_id: row.user_id}})
     ON CREATE SET u.version = 0
+  // as in _LOCK_USERS (keep the two alike): take the node's write lock before reading the
+  // version (Neo4j operations manual, "lost updates")
   SET u._lock = true
   WITH i, u, row
   SET u.version = u.version + row.writes
@@ -320,7 +322,7 @@ CALL () {{
   RETURN collect({{late: late, tail: tail}}) AS tails,
          collect(CASE WHEN late THEN
            {{user_id: s.user_id, session_id: s.session_id, turn_index: s.turn_index}}
-         END) AS late
+         END) AS late_sessions
 }}
 CALL (users, llms, tails) {{
   UNWIND $p.rows AS row
@@ -361,8 +363,8 @@ CALL (tails) {{
     CREATE (t)-[:FOLLOWS]->(p)
   }}
 }}
-CALL (late) {{
-  UNWIND late AS s
+CALL (late_sessions) {{
+  UNWIND late_sessions AS s
   MATCH (t:Turn {{user_id: s.user_id, session_id: s.session_id}})
     USING INDEX t:Turn(user_id, session_id)
   // only a turn above the new index can have a new turn as its previous one, and it always
@@ -380,7 +382,7 @@ CALL (late) {{
   }}
 }}
 {_UPDATE_PAIRS}
-RETURN size(late) AS relinked
+RETURN size(late_sessions) AS relinked
 """
 
 _SESSION_TURNS = f"""
