@@ -209,16 +209,9 @@ CALL () {
   MERGE (:LLM {name: name})
 }"""
 
-_CREATE_ROWS = """CALL () {
-  UNWIND $p.rows AS row
-  MATCH (u:User {user_id: row.query.user_id})
-  CREATE (q:Query)
-  SET q = row.query
-  CREATE (u)-[:SUBMITTED]->(q)
-  WITH u, q, row
-  UNWIND row.turns AS turn
-  MATCH (m:LLM {name: turn.llm})
-  CREATE (t:Turn)
+# One turn of a row: its Turn and Response nodes and their relationships (the user u, the
+# query q, the row, the turn's map and its LLM node m in scope). Both write statements use it.
+_CREATE_TURN = """  CREATE (t:Turn)
   SET t = turn
   CREATE (r:Response {response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome})
   SET r.text = row.texts[turn.llm]
@@ -227,8 +220,19 @@ _CREATE_ROWS = """CALL () {
          (t)-[:OF_USER]->(u),
          (t)-[:ASKED]->(q),
          (t)-[:ANSWERED_BY]->(m),
-         (t)-[:HAS_RESPONSE]->(r)
-}"""
+         (t)-[:HAS_RESPONSE]->(r)"""
+
+_CREATE_ROWS = f"""CALL () {{
+  UNWIND $p.rows AS row
+  MATCH (u:User {{user_id: row.query.user_id}})
+  CREATE (q:Query)
+  SET q = row.query
+  CREATE (u)-[:SUBMITTED]->(q)
+  WITH u, q, row
+  UNWIND row.turns AS turn
+  MATCH (m:LLM {{name: turn.llm}})
+{_CREATE_TURN}
+}}"""
 
 _UPDATE_PAIRS = """CALL () {
   UNWIND $p.pairs AS pair
@@ -333,16 +337,7 @@ CALL (users, llms, tails) {{
   WITH u, q, row, llms, tails
   UNWIND range(0, size(row.turns) - 1) AS k
   WITH u, q, row, row.turns[k] AS turn, llms[row.mis[k]] AS m, tails
-  CREATE (t:Turn)
-  SET t = turn
-  CREATE (r:Response {{response_id: turn.turn_id, llm: turn.llm, outcome: turn.outcome}})
-  SET r.text = row.texts[turn.llm]
-  CREATE (q)-[:RECEIVED]->(r),
-         (r)-[:GENERATED_BY]->(m),
-         (t)-[:OF_USER]->(u),
-         (t)-[:ASKED]->(q),
-         (t)-[:ANSWERED_BY]->(m),
-         (t)-[:HAS_RESPONSE]->(r)
+{_CREATE_TURN}
   WITH t, turn, CASE WHEN row.si >= 0 THEN tails[row.si] END AS tl
   WHERE tl IS NOT NULL AND NOT tl.late AND size(tl.tail) > 0
   CALL (t, turn, tl) {{
