@@ -669,18 +669,8 @@ def _encode_uvarint(n: int) -> bytes:
 
 def _jit_and_total_cpu_s(pid: int | None) -> tuple[float, float]:
     """CPU seconds of the JVM ``pid``'s JIT compiler threads and of the whole process."""
-    jit = total = 0.0
-    if pid is None:
-        return jit, total
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-                total += cpu
-                if "CompilerThre" in (task / "comm").read_text():
-                    jit += cpu
-    return jit, total
+    by_class = thread_cpu_s(pid, NEO4J_THREAD_CLASSES)
+    return by_class.get("jit", 0.0), sum(by_class.values())
 
 
 #: Windows in a row whose JIT share must be under :data:`JIT_SETTLED_SHARE` (one was not
@@ -881,6 +871,54 @@ def _pid_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: Neo4j thread names (``/proc/<pid>/task/<tid>/comm``, cut at 15 bytes) by prefix: the class
+#: each one's CPU is reported under in ``cpu_ms_per_call_by_thread``.
+NEO4J_THREAD_CLASSES = (
+    ("neo4j.BoltWorke", "bolt_workers"),  # runs the Cypher statements and commits
+    ("C2 CompilerThre", "jit"),
+    ("C1 CompilerThre", "jit"),
+    ("neo4j.BoltNetwo", "bolt_network"),  # Netty: reads and writes the Bolt messages
+    ("GC Thread", "gc"),
+    ("G1 ", "gc"),
+)
+
+
+def thread_cpu_s(pid: int | None, classes: Sequence[tuple[str, str]] = ()) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``'s threads so far, by class: the main
+    thread (whose id is ``pid``: the server's event loop) as ``main``, a thread whose name
+    starts with a prefix in ``classes`` under that prefix's class, any other as ``other``.
+    Empty when ``pid`` is None or gone; a thread that exits between the listing and the read
+    is left out.
+    """
+    out: dict[str, float] = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().rstrip("\n")
+                cls = "main" if task.name == str(pid) else "other"
+                for prefix, c in classes:
+                    if name.startswith(prefix):
+                        cls = c
+                        break
+                out[cls] = out.get(cls, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_cpu_ms_per_call(
+    before: Mapping[str, float], after: Mapping[str, float], calls: int
+) -> dict[str, float]:
+    """Each class's CPU between two :func:`thread_cpu_s` readings, in ms per call (a class
+    whose threads all exited meanwhile is left out)."""
+    return {
+        cls: round((after[cls] - before.get(cls, 0.0)) * 1e3 / max(calls, 1), 3)
+        for cls in sorted(after)
+    }
+
+
 def neo4j_pid() -> int | None:
     """PID of the bench's Neo4j (from the launcher's pid file), or None."""
     with contextlib.suppress(OSError, ValueError):
@@ -893,12 +931,17 @@ def with_cpu(
 ) -> dict[str, Any]:
     """Run a closed loop; add CPU per call of the server, of this client and (with the pid
     ``neo4j``) of the Neo4j process, and how many cores the whole machine kept busy
-    meanwhile (other work on the machine included)."""
+    meanwhile (other work on the machine included). ``cpu_ms_per_call_by_thread`` splits the
+    server's CPU into its event loop (``main``) and the rest (grpc's pollers, executors), and
+    Neo4j's into the classes of :data:`NEO4J_THREAD_CLASSES`: where a serial stage is."""
+    spid = server.proc.pid if server.proc is not None else None
+    st0, nt0 = thread_cpu_s(spid), thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES)
     s0, c0, (b0, t0) = server.cpu_s(), time.process_time(), _cpu_totals()
     n0 = _pid_cpu_s(neo4j)
     out = run()
     s1, c1, (b1, t1) = server.cpu_s(), time.process_time(), _cpu_totals()
     n1 = _pid_cpu_s(neo4j)
+    st1, nt1 = thread_cpu_s(spid), thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES)
     calls = max(int(out["calls"]), 1)
     # a load generator in a subprocess reports its own CPU (record_rps_go)
     client_s = out.pop("client_cpu_s", None)
@@ -908,6 +951,9 @@ def with_cpu(
     }
     if neo4j is not None:
         out["cpu_ms_per_call"]["neo4j"] = round((n1 - n0) * 1e3 / calls, 3)
+    out["cpu_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(st0, st1, calls)}
+    if neo4j is not None:
+        out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls)
     out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
     return out
 

@@ -3,8 +3,11 @@ the host-speed calibration."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,8 @@ from bench.run import (
     host_calibration_ms,
     median_window,
     record_rounds,
+    thread_cpu_ms_per_call,
+    thread_cpu_s,
 )
 
 
@@ -121,3 +126,41 @@ def test_calibration_summary_keeps_every_reading() -> None:
         "max": 40.0,
         "all": [30.0, 26.0, 40.0, 27.0],
     }
+
+
+def _spin(seconds: float) -> None:
+    """Burn ``seconds`` of this thread's CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_thread_cpu_is_split_by_thread_name() -> None:
+    ready, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        # a thread may rename itself (Linux: its own /proc task's comm); Neo4j's threads are
+        # told apart the same way
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text("bench-spin")
+        _spin(0.3)
+        ready.set()
+        done.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert ready.wait(10)
+        before = thread_cpu_s(os.getpid(), [("bench-spin", "spin")])
+        _spin(0.2)
+        after = thread_cpu_s(os.getpid(), [("bench-spin", "spin")])
+    finally:
+        done.set()
+        t.join()
+    # the named thread's 0.3 s are under its class, not the main thread's (clock ticks: 10 ms)
+    assert 0.28 <= before["spin"] < 0.5
+    assert after["spin"] - before["spin"] < 0.05
+    assert 0.18 <= after["main"] - before["main"] < 0.4
+    assert thread_cpu_s(None) == {}
+    # ms per call; a class that only appears later counts from 0
+    per_call = thread_cpu_ms_per_call({"main": 1.0}, {"main": 1.5, "jit": 0.25}, calls=500)
+    assert per_call == {"jit": 0.5, "main": 1.0}
