@@ -667,10 +667,81 @@ def _encode_uvarint(n: int) -> bytes:
             return bytes(out)
 
 
-def _jit_and_total_cpu_s(pid: int | None) -> tuple[float, float]:
-    """CPU seconds of the JVM ``pid``'s JIT compiler threads and of the whole process."""
-    by_class = thread_cpu_s(pid, NEO4J_THREAD_CLASSES)
-    return by_class.get("jit", 0.0), sum(by_class.values())
+#: A reading of a process's threads (:func:`thread_cpu_s`): thread id -> (class, CPU seconds).
+ThreadReading = dict[str, tuple[str, float]]
+
+#: Neo4j thread names (``/proc/<pid>/task/<tid>/comm``, cut at 15 bytes) by prefix: the class
+#: each one's CPU is reported under in ``cpu_ms_per_call_by_thread``.
+NEO4J_THREAD_CLASSES = (
+    ("neo4j.BoltWorke", "bolt_workers"),  # runs the Cypher statements and commits
+    ("C2 CompilerThre", "jit"),
+    ("C1 CompilerThre", "jit"),
+    ("neo4j.BoltNetwo", "bolt_network"),  # Netty: reads and writes the Bolt messages
+    ("GC Thread", "gc"),
+    ("G1 ", "gc"),
+)
+
+
+def thread_cpu_s(
+    pid: int | None, classes: Sequence[tuple[str, str]] = (), main_class: str | None = "main"
+) -> ThreadReading:
+    """Each live thread of process ``pid``: its class and its CPU seconds (user + system) so
+    far, by thread id.
+
+    The class is the one of the first prefix in ``classes`` that the thread's name
+    (``/proc/<pid>/task/<tid>/comm``, cut at 15 bytes) starts with; else ``main_class`` for
+    the main thread (whose id is ``pid``: the server's event loop; pass None for a JVM,
+    whose first thread only waits for the others), else ``other``. Empty when ``pid`` is None
+    or gone; a thread that exits between the listing and the read is left out. Clock ticks
+    are 10 ms on Linux.
+    """
+    out: ThreadReading = {}
+    if pid is None:
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (task / "comm").read_text().rstrip("\n")
+                cls = next((c for prefix, c in classes if name.startswith(prefix)), None)
+                if cls is None:
+                    cls = main_class if main_class and task.name == str(pid) else "other"
+                out[task.name] = (cls, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def class_cpu_s(before: ThreadReading, after: ThreadReading) -> dict[str, float]:
+    """CPU seconds of each class between two :func:`thread_cpu_s` readings of one process,
+    thread by thread: a thread that started meanwhile counts from 0; one that exited
+    meanwhile is missing (its CPU after ``before`` is unknown; the process total still has
+    it). Classes sorted by name."""
+    out: dict[str, float] = {}
+    for tid, (cls, cpu) in after.items():
+        out[cls] = out.get(cls, 0.0) + cpu - before.get(tid, (cls, 0.0))[1]
+    return dict(sorted(out.items()))
+
+
+def thread_cpu_ms_per_call(
+    before: ThreadReading, after: ThreadReading, calls: int, process_s: float | None = None
+) -> dict[str, float]:
+    """:func:`class_cpu_s` in ms per call (``calls`` under 1 counts as 1), rounded to 3
+    decimals. With ``process_s``, the process's CPU seconds over the same span (threads that
+    exited included), what the live threads do not account for is added as ``exited`` when
+    it is more than the readings' rounding (one clock tick per thread that ran, and one)."""
+    by_class = class_cpu_s(before, after)
+    if process_s is not None:
+        ran = sum(1 for tid, (_, cpu) in after.items() if cpu != before.get(tid, ("", 0.0))[1])
+        gap = process_s - sum(by_class.values())
+        if gap > (ran + 1) / os.sysconf("SC_CLK_TCK"):
+            by_class["exited"] = gap
+    return {cls: round(cpu * 1e3 / max(calls, 1), 3) for cls, cpu in by_class.items()}
+
+
+def _jit_and_total_cpu_s(pid: int | None) -> tuple[ThreadReading, float]:
+    """A reading of the JVM ``pid``'s threads (:func:`thread_cpu_s`) and the CPU seconds of the
+    whole process (threads that exited included): the two ends of a JIT share."""
+    return thread_cpu_s(pid, NEO4J_THREAD_CLASSES, main_class=None), _pid_cpu_s(pid)
 
 
 #: Windows in a row whose JIT share must be under :data:`JIT_SETTLED_SHARE` (one was not
@@ -700,10 +771,10 @@ def _record_until_steady(
     of each window."""
     out: list[dict[str, float]] = []
     for k in range(max_windows):
-        j0, t0 = _jit_and_total_cpu_s(pid)
+        r0, t0 = _jit_and_total_cpu_s(pid)
         rps = record_rps(address, models, window_s, f"neo4j-jit-{k}")["rps"]
-        j1, t1 = _jit_and_total_cpu_s(pid)
-        share = (j1 - j0) / max(t1 - t0, 1e-9)
+        r1, t1 = _jit_and_total_cpu_s(pid)
+        share = class_cpu_s(r0, r1).get("jit", 0.0) / max(t1 - t0, 1e-9)
         out.append({"rps": rps, "jit_cpu_share": round(share, 3)})
         if pid is None or _jit_settled(out):
             break
@@ -871,54 +942,6 @@ def _pid_cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-#: Neo4j thread names (``/proc/<pid>/task/<tid>/comm``, cut at 15 bytes) by prefix: the class
-#: each one's CPU is reported under in ``cpu_ms_per_call_by_thread``.
-NEO4J_THREAD_CLASSES = (
-    ("neo4j.BoltWorke", "bolt_workers"),  # runs the Cypher statements and commits
-    ("C2 CompilerThre", "jit"),
-    ("C1 CompilerThre", "jit"),
-    ("neo4j.BoltNetwo", "bolt_network"),  # Netty: reads and writes the Bolt messages
-    ("GC Thread", "gc"),
-    ("G1 ", "gc"),
-)
-
-
-def thread_cpu_s(pid: int | None, classes: Sequence[tuple[str, str]] = ()) -> dict[str, float]:
-    """CPU seconds (user + system) of process ``pid``'s threads so far, by class: the main
-    thread (whose id is ``pid``: the server's event loop) as ``main``, a thread whose name
-    starts with a prefix in ``classes`` under that prefix's class, any other as ``other``.
-    Empty when ``pid`` is None or gone; a thread that exits between the listing and the read
-    is left out.
-    """
-    out: dict[str, float] = {}
-    if pid is None:
-        return out
-    tick = os.sysconf("SC_CLK_TCK")
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                name = (task / "comm").read_text().rstrip("\n")
-                cls = "main" if task.name == str(pid) else "other"
-                for prefix, c in classes:
-                    if name.startswith(prefix):
-                        cls = c
-                        break
-                out[cls] = out.get(cls, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
-def thread_cpu_ms_per_call(
-    before: Mapping[str, float], after: Mapping[str, float], calls: int
-) -> dict[str, float]:
-    """Each class's CPU between two :func:`thread_cpu_s` readings, in ms per call (a class
-    whose threads all exited meanwhile is left out)."""
-    return {
-        cls: round((after[cls] - before.get(cls, 0.0)) * 1e3 / max(calls, 1), 3)
-        for cls in sorted(after)
-    }
-
-
 def neo4j_pid() -> int | None:
     """PID of the bench's Neo4j (from the launcher's pid file), or None."""
     with contextlib.suppress(OSError, ValueError):
@@ -932,16 +955,20 @@ def with_cpu(
     """Run a closed loop; add CPU per call of the server, of this client and (with the pid
     ``neo4j``) of the Neo4j process, and how many cores the whole machine kept busy
     meanwhile (other work on the machine included). ``cpu_ms_per_call_by_thread`` splits the
-    server's CPU into its event loop (``main``) and the rest (grpc's pollers, executors), and
-    Neo4j's into the classes of :data:`NEO4J_THREAD_CLASSES`: where a serial stage is."""
+    server's CPU into its event loop (``main``) and its other threads (``other``: grpc's
+    pollers, executors), and Neo4j's into the classes of :data:`NEO4J_THREAD_CLASSES` and
+    ``other`` (:func:`thread_cpu_ms_per_call`; ``exited`` for threads gone meanwhile): where
+    a serial stage is. The thread readings are taken just outside the process readings."""
     spid = server.proc.pid if server.proc is not None else None
-    st0, nt0 = thread_cpu_s(spid), thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES)
+    st0 = thread_cpu_s(spid)
+    nt0 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     s0, c0, (b0, t0) = server.cpu_s(), time.process_time(), _cpu_totals()
     n0 = _pid_cpu_s(neo4j)
     out = run()
     s1, c1, (b1, t1) = server.cpu_s(), time.process_time(), _cpu_totals()
     n1 = _pid_cpu_s(neo4j)
-    st1, nt1 = thread_cpu_s(spid), thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES)
+    st1 = thread_cpu_s(spid)
+    nt1 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     calls = max(int(out["calls"]), 1)
     # a load generator in a subprocess reports its own CPU (record_rps_go)
     client_s = out.pop("client_cpu_s", None)
@@ -951,9 +978,9 @@ def with_cpu(
     }
     if neo4j is not None:
         out["cpu_ms_per_call"]["neo4j"] = round((n1 - n0) * 1e3 / calls, 3)
-    out["cpu_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(st0, st1, calls)}
+    out["cpu_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(st0, st1, calls, s1 - s0)}
     if neo4j is not None:
-        out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls)
+        out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls, n1 - n0)
     out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
     return out
 

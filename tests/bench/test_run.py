@@ -18,6 +18,7 @@ from bench.run import (
     _jit_settled,
     calibrated,
     calibration_summary,
+    class_cpu_s,
     host_calibration_ms,
     median_window,
     record_rounds,
@@ -149,18 +150,43 @@ def test_thread_cpu_is_split_by_thread_name() -> None:
     t = threading.Thread(target=worker)
     t.start()
     try:
-        assert ready.wait(10)
-        before = thread_cpu_s(os.getpid(), [("bench-spin", "spin")])
+        assert ready.wait(10), "the worker thread could not rename itself"
+        classes = [("bench-spin", "spin")]
+        before = thread_cpu_s(os.getpid(), classes)
         _spin(0.2)
-        after = thread_cpu_s(os.getpid(), [("bench-spin", "spin")])
+        after = thread_cpu_s(os.getpid(), classes)
+        # a name match wins over the main thread's class; without a main class (a JVM's
+        # first thread) the main thread is "other"
+        as_spin = thread_cpu_s(os.getpid(), [("", "spin")])
+        no_main = thread_cpu_s(os.getpid(), classes, main_class=None)
     finally:
         done.set()
         t.join()
     # the named thread's 0.3 s are under its class, not the main thread's (clock ticks: 10 ms)
-    assert 0.28 <= before["spin"] < 0.5
-    assert after["spin"] - before["spin"] < 0.05
-    assert 0.18 <= after["main"] - before["main"] < 0.4
+    spin = [cpu for cls, cpu in before.values() if cls == "spin"]
+    assert len(spin) == 1 and 0.28 <= spin[0] < 0.5
+    delta = class_cpu_s(before, after)
+    assert delta["spin"] < 0.05
+    assert 0.18 <= delta["main"] < 0.4
+    assert {cls for cls, _ in as_spin.values()} == {"spin"}
+    assert "main" not in {cls for cls, _ in no_main.values()}
+    assert no_main[str(os.getpid())][0] == "other"
     assert thread_cpu_s(None) == {}
-    # ms per call; a class that only appears later counts from 0
-    per_call = thread_cpu_ms_per_call({"main": 1.0}, {"main": 1.5, "jit": 0.25}, calls=500)
-    assert per_call == {"jit": 0.5, "main": 1.0}
+
+
+def test_class_cpu_counts_thread_by_thread() -> None:
+    before = {"1": ("main", 1.0), "2": ("jit", 5.0), "3": ("jit", 2.0)}
+    # thread 3 exited with 5 s in all (its last 3 s unseen), thread 4 started: a class total
+    # would have read jit 7.0 -> 5.25, i.e. -1.75 s
+    after = {"1": ("main", 1.5), "2": ("jit", 5.0), "4": ("jit", 0.25)}
+    assert class_cpu_s(before, after) == {"jit": 0.25, "main": 0.5}
+    # ms per call; what the live threads miss of the process's total shows as "exited"
+    assert thread_cpu_ms_per_call(before, after, calls=500) == {"jit": 0.5, "main": 1.0}
+    assert thread_cpu_ms_per_call(before, after, calls=500, process_s=3.75) == {
+        "exited": 6.0,
+        "jit": 0.5,
+        "main": 1.0,
+    }
+    # a gap within the clock ticks of the threads that ran is rounding, not an exited thread
+    assert "exited" not in thread_cpu_ms_per_call(before, after, calls=500, process_s=0.77)
+    assert thread_cpu_ms_per_call(before, after, calls=0) == {"jit": 250.0, "main": 500.0}
