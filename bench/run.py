@@ -271,8 +271,7 @@ class Server:
         """User + system CPU seconds the server process has used so far."""
         if self.proc is None:
             return 0.0
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _stat_cpu_s(Path(f"/proc/{self.proc.pid}/stat"))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -667,6 +666,16 @@ def _encode_uvarint(n: int) -> bytes:
             return bytes(out)
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds in a ``/proc`` ``stat`` file (a process's or a thread's).
+
+    Raises:
+        OSError: the file cannot be read (the process or thread is gone).
+    """
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 #: A reading of a process's threads (:func:`thread_cpu_s`): thread id -> (class, CPU seconds).
 ThreadReading = dict[str, tuple[str, float]]
 
@@ -698,16 +707,15 @@ def thread_cpu_s(
     out: ThreadReading = {}
     if pid is None:
         return out
-    tick = os.sysconf("SC_CLK_TCK")
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = _stat_cpu_s(task / "stat")
                 name = (task / "comm").read_text().rstrip("\n")
                 cls = next((c for prefix, c in classes if name.startswith(prefix)), None)
                 if cls is None:
                     cls = main_class if main_class and task.name == str(pid) else "other"
-                out[task.name] = (cls, (int(fields[11]) + int(fields[12])) / tick)
+                out[task.name] = (cls, cpu)
     return out
 
 
@@ -936,10 +944,9 @@ def _pid_cpu_s(pid: int | None) -> float:
     if pid is None:
         return 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def neo4j_pid() -> int | None:
