@@ -949,6 +949,49 @@ def _pid_cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+#: ``/proc/<pid>/io`` fields that :func:`io_per_call` reports, and the names it gives them.
+_IO_FIELDS = (
+    ("rchar", "read_kb"),
+    ("wchar", "write_kb"),
+    ("syscr", "read_calls"),
+    ("syscw", "write_calls"),
+)
+
+
+def pid_io(pid: int | None) -> dict[str, int]:
+    """Process ``pid``'s I/O counters so far, from ``/proc/<pid>/io``: bytes passed to
+    ``read``/``write``-family calls (``rchar``, ``wchar``; page cache hits included) and the
+    number of such calls (``syscr``, ``syscw``). Empty when ``pid`` is None, gone or not
+    readable (another user's process)."""
+    out: dict[str, int] = {}
+    if pid is None:
+        return out
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            out[key.strip()] = int(value)
+    return out
+
+
+def io_per_call(
+    before: Mapping[str, int], after: Mapping[str, int], calls: int
+) -> dict[str, float]:
+    """I/O per call between two :func:`pid_io` readings: KB (1,024 bytes) read and written,
+    and read and write system calls; empty when either reading is empty.
+
+    For Neo4j under the record load this is the write path's disk traffic per acknowledged
+    record: its transaction log appends, the page cache's flushes and evictions (writes) and
+    page faults (reads)."""
+    if not before or not after:
+        return {}
+    n = max(calls, 1)
+    out: dict[str, float] = {}
+    for key, name in _IO_FIELDS:
+        delta = after.get(key, 0) - before.get(key, 0)
+        out[name] = round(delta / 1024 / n, 3) if name.endswith("_kb") else round(delta / n, 3)
+    return out
+
+
 def neo4j_pid() -> int | None:
     """PID of the bench's Neo4j (from the launcher's pid file), or None."""
     with contextlib.suppress(OSError, ValueError):
@@ -965,15 +1008,16 @@ def with_cpu(
     server's CPU into its event loop (``main``) and its other threads (``other``: grpc's
     pollers, executors), and Neo4j's into the classes of :data:`NEO4J_THREAD_CLASSES` and
     ``other`` (:func:`thread_cpu_ms_per_call`; ``exited`` for threads gone meanwhile): where
-    a serial stage is. The thread readings are taken just outside the process readings."""
+    a serial stage is. The thread readings are taken just outside the process readings.
+    With ``neo4j``, ``neo4j_io_per_call`` is Neo4j's I/O per call (:func:`io_per_call`)."""
     spid = server.proc.pid if server.proc is not None else None
     st0 = thread_cpu_s(spid)
     nt0 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     s0, c0, (b0, t0) = server.cpu_s(), time.process_time(), _cpu_totals()
-    n0 = _pid_cpu_s(neo4j)
+    n0, io0 = _pid_cpu_s(neo4j), pid_io(neo4j)
     out = run()
     s1, c1, (b1, t1) = server.cpu_s(), time.process_time(), _cpu_totals()
-    n1 = _pid_cpu_s(neo4j)
+    n1, io1 = _pid_cpu_s(neo4j), pid_io(neo4j)
     st1 = thread_cpu_s(spid)
     nt1 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     calls = max(int(out["calls"]), 1)
@@ -988,6 +1032,7 @@ def with_cpu(
     out["cpu_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(st0, st1, calls, s1 - s0)}
     if neo4j is not None:
         out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls, n1 - n0)
+        out["neo4j_io_per_call"] = io_per_call(io0, io1, calls)
     out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
     return out
 

@@ -20,7 +20,9 @@ from bench.run import (
     calibration_summary,
     class_cpu_s,
     host_calibration_ms,
+    io_per_call,
     median_window,
+    pid_io,
     record_rounds,
     thread_cpu_ms_per_call,
     thread_cpu_s,
@@ -190,3 +192,41 @@ def test_class_cpu_counts_thread_by_thread() -> None:
     # a gap within the clock ticks of the threads that ran is rounding, not an exited thread
     assert "exited" not in thread_cpu_ms_per_call(before, after, calls=500, process_s=0.77)
     assert thread_cpu_ms_per_call(before, after, calls=0) == {"jit": 250.0, "main": 500.0}
+
+
+def test_io_per_call_reads_this_process_counters(tmp_path: Path) -> None:
+    """The counters come from /proc/<pid>/io and follow real writes and reads; a gone or
+    unknown process gives no reading and no figures."""
+    before = pid_io(os.getpid())
+    assert {"rchar", "wchar", "syscr", "syscw"} <= set(before)
+    path = tmp_path / "blob"
+    with path.open("wb", buffering=0) as f:
+        for _ in range(8):
+            f.write(b"x" * 64 * 1024)
+    with path.open("rb", buffering=0) as f:
+        while f.read(32 * 1024):
+            pass
+    after = pid_io(os.getpid())
+    per = io_per_call(before, after, calls=2)
+    # 512 KiB written in 8 calls and read back in at least 16, per call of 2
+    assert per["write_kb"] >= 256
+    assert per["write_calls"] >= 4
+    assert per["read_kb"] >= 256
+    assert per["read_calls"] >= 8
+    assert pid_io(None) == {}
+    assert pid_io(2**22 + 12345) == {}  # above Linux's pid_max: no such process
+    assert io_per_call({}, after, 10) == {}
+    assert io_per_call(before, {}, 10) == {}
+
+
+def test_io_per_call_arithmetic() -> None:
+    before = {"rchar": 0, "wchar": 1024, "syscr": 3, "syscw": 1}
+    after = {"rchar": 10 * 1024, "wchar": 1024 + 20 * 1024, "syscr": 13, "syscw": 6}
+    assert io_per_call(before, after, 5) == {
+        "read_kb": 2.0,
+        "write_kb": 4.0,
+        "read_calls": 2.0,
+        "write_calls": 1.0,
+    }
+    # no calls counts as one, never a division by zero
+    assert io_per_call(before, after, 0)["write_kb"] == 20.0
