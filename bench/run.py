@@ -979,9 +979,12 @@ def io_per_call(
     """I/O per call between two :func:`pid_io` readings: KB (1,024 bytes) read and written,
     and read and write system calls; empty when either reading is empty.
 
-    For Neo4j under the record load this is the write path's disk traffic per acknowledged
-    record: its transaction log appends, the page cache's flushes and evictions (writes) and
-    page faults (reads)."""
+    For Neo4j under the record load this is the write path's file traffic per acknowledged
+    record as the kernel counts it (``rchar``/``wchar``: bytes through ``read``/``write``
+    -family calls, whether or not they reach the disk): its transaction log appends and page
+    cache flushes and evictions (writes), its page cache misses (reads). Bolt's socket
+    traffic is not in it (Netty's socket calls are not counted there: with a page cache that
+    holds the store, the reads per record are ~0 although every record arrives over Bolt)."""
     if not before or not after:
         return {}
     n = max(calls, 1)
