@@ -691,6 +691,40 @@ NEO4J_THREAD_CLASSES = (
 )
 
 
+def _schedstat_wait_s(schedstat: Path) -> float:
+    """Seconds a thread has spent runnable but waiting for a core (the run queue): the second
+    field of a ``/proc`` ``schedstat`` file, in ns.
+
+    Raises:
+        OSError: the file cannot be read (the thread is gone, or no scheduler statistics).
+        IndexError, ValueError: the file is not three numbers.
+    """
+    return int(schedstat.read_text().split()[1]) / 1e9
+
+
+def _thread_reading(
+    pid: int | None,
+    classes: Sequence[tuple[str, str]],
+    main_class: str | None,
+    read: Callable[[Path], float],
+) -> ThreadReading:
+    """``read`` of each live thread's ``/proc/<pid>/task/<tid>`` folder, with its class (the
+    rule of :func:`thread_cpu_s`)."""
+    out: ThreadReading = {}
+    if pid is None:
+        return out
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                value = read(task)
+                name = (task / "comm").read_text().rstrip("\n")
+                cls = next((c for prefix, c in classes if name.startswith(prefix)), None)
+                if cls is None:
+                    cls = main_class if main_class and task.name == str(pid) else "other"
+                out[task.name] = (cls, value)
+    return out
+
+
 def thread_cpu_s(
     pid: int | None, classes: Sequence[tuple[str, str]] = (), main_class: str | None = "main"
 ) -> ThreadReading:
@@ -704,26 +738,28 @@ def thread_cpu_s(
     or gone; a thread that exits between the listing and the read is left out. Clock ticks
     are 10 ms on Linux.
     """
-    out: ThreadReading = {}
-    if pid is None:
-        return out
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                cpu = _stat_cpu_s(task / "stat")
-                name = (task / "comm").read_text().rstrip("\n")
-                cls = next((c for prefix, c in classes if name.startswith(prefix)), None)
-                if cls is None:
-                    cls = main_class if main_class and task.name == str(pid) else "other"
-                out[task.name] = (cls, cpu)
-    return out
+    return _thread_reading(pid, classes, main_class, lambda task: _stat_cpu_s(task / "stat"))
+
+
+def thread_runq_wait_s(
+    pid: int | None, classes: Sequence[tuple[str, str]] = (), main_class: str | None = "main"
+) -> ThreadReading:
+    """Each live thread of process ``pid``: its class (as :func:`thread_cpu_s`) and the seconds
+    it has waited so far for a core while ready to run (``/proc/<pid>/task/<tid>/schedstat``,
+    ns resolution). Empty when ``pid`` is None or gone, or without scheduler statistics.
+
+    On a machine whose cores are all busy this is where a serial stage (the event loop, a
+    Bolt worker) loses wall time to the other processes' threads."""
+    return _thread_reading(
+        pid, classes, main_class, lambda task: _schedstat_wait_s(task / "schedstat")
+    )
 
 
 def class_cpu_s(before: ThreadReading, after: ThreadReading) -> dict[str, float]:
-    """CPU seconds of each class between two :func:`thread_cpu_s` readings of one process,
-    thread by thread: a thread that started meanwhile counts from 0; one that exited
-    meanwhile is missing (its CPU after ``before`` is unknown; the process total still has
-    it). Classes sorted by name."""
+    """Seconds of each class between two readings of one process (:func:`thread_cpu_s`: CPU;
+    :func:`thread_runq_wait_s`: run-queue wait), thread by thread: a thread that started
+    meanwhile counts from 0; one that exited meanwhile is missing (its seconds after
+    ``before`` are unknown; the process total still has its CPU). Classes sorted by name."""
     out: dict[str, float] = {}
     for tid, (cls, cpu) in after.items():
         out[cls] = out.get(cls, 0.0) + cpu - before.get(tid, (cls, 0.0))[1]
@@ -1012,8 +1048,12 @@ def with_cpu(
     pollers, executors), and Neo4j's into the classes of :data:`NEO4J_THREAD_CLASSES` and
     ``other`` (:func:`thread_cpu_ms_per_call`; ``exited`` for threads gone meanwhile): where
     a serial stage is. The thread readings are taken just outside the process readings.
-    With ``neo4j``, ``neo4j_io_per_call`` is Neo4j's I/O per call (:func:`io_per_call`)."""
+    ``runq_wait_ms_per_call_by_thread`` is the same split of the time those threads waited
+    for a core while ready to run (:func:`thread_runq_wait_s`). With ``neo4j``,
+    ``neo4j_io_per_call`` is Neo4j's I/O per call (:func:`io_per_call`)."""
     spid = server.proc.pid if server.proc is not None else None
+    sw0 = thread_runq_wait_s(spid)
+    nw0 = thread_runq_wait_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     st0 = thread_cpu_s(spid)
     nt0 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     s0, c0, (b0, t0) = server.cpu_s(), time.process_time(), _cpu_totals()
@@ -1023,6 +1063,8 @@ def with_cpu(
     n1, io1 = _pid_cpu_s(neo4j), pid_io(neo4j)
     st1 = thread_cpu_s(spid)
     nt1 = thread_cpu_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
+    sw1 = thread_runq_wait_s(spid)
+    nw1 = thread_runq_wait_s(neo4j, NEO4J_THREAD_CLASSES, main_class=None)
     calls = max(int(out["calls"]), 1)
     # a load generator in a subprocess reports its own CPU (record_rps_go)
     client_s = out.pop("client_cpu_s", None)
@@ -1036,6 +1078,9 @@ def with_cpu(
     if neo4j is not None:
         out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls, n1 - n0)
         out["neo4j_io_per_call"] = io_per_call(io0, io1, calls)
+    out["runq_wait_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(sw0, sw1, calls)}
+    if neo4j is not None:
+        out["runq_wait_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nw0, nw1, calls)
     out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
     return out
 

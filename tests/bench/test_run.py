@@ -3,6 +3,7 @@ the host-speed calibration."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from bench.run import (
     record_rounds,
     thread_cpu_ms_per_call,
     thread_cpu_s,
+    thread_runq_wait_s,
 )
 
 
@@ -230,3 +232,56 @@ def test_io_per_call_arithmetic() -> None:
     }
     # no calls counts as one, never a division by zero
     assert io_per_call(before, after, 0)["write_kb"] == 20.0
+
+
+def _hash_for(seconds: float, name: str, cpu: int, started: threading.Barrier) -> None:
+    """Rename this thread, pin it to core ``cpu`` and hash for ``seconds`` of wall time:
+    hashlib releases the GIL on large inputs, so two such threads are both ready to run."""
+    Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)
+    os.sched_setaffinity(0, {cpu})  # 0: this thread
+    block = b"x" * (1 << 20)
+    started.wait(10)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        hashlib.sha256(block).digest()
+
+
+def _hashing(threads: int, cpu: int) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU and run-queue wait by class over 0.4 s while ``threads`` hashing threads share core
+    ``cpu``."""
+    classes = [("bench-hash", "hash")]
+    started = threading.Barrier(threads + 1)
+    workers = [
+        threading.Thread(target=_hash_for, args=(0.6, f"bench-hash-{i}", cpu, started))
+        for i in range(threads)
+    ]
+    for t in workers:
+        t.start()
+    started.wait(10)
+    before_wait = thread_runq_wait_s(os.getpid(), classes)
+    before_cpu = thread_cpu_s(os.getpid(), classes)
+    time.sleep(0.4)
+    after_wait = thread_runq_wait_s(os.getpid(), classes)
+    after_cpu = thread_cpu_s(os.getpid(), classes)
+    for t in workers:
+        t.join()
+    return class_cpu_s(before_cpu, after_cpu), class_cpu_s(before_wait, after_wait)
+
+
+def test_runq_wait_is_time_ready_but_not_running() -> None:
+    """A thread alone on a core runs and hardly waits; two threads ready to run on one core
+    take turns, each waiting on the run queue about as long as the other runs. The wait
+    lands in the threads' class; the main thread, asleep, neither ran nor waited."""
+    if not Path(f"/proc/self/task/{threading.get_native_id()}/schedstat").exists():
+        pytest.skip("this kernel keeps no scheduler statistics (schedstat)")
+    cpu = min(os.sched_getaffinity(0))
+    ran, waited = _hashing(1, cpu)
+    assert ran["hash"] >= 0.25
+    assert waited["hash"] < 0.5 * ran["hash"]  # reading the run time instead would fail here
+    ran, waited = _hashing(2, cpu)
+    # 0.4 s of one core: ~0.4 s of CPU and ~0.4 s of waiting between the two threads
+    assert 0.25 <= ran["hash"] <= 0.5
+    assert waited["hash"] >= 0.5 * ran["hash"]
+    assert waited.get("main", 0.0) < 0.05
+    assert thread_runq_wait_s(None) == {}
+    assert thread_runq_wait_s(2**22 + 12345) == {}
