@@ -1075,12 +1075,11 @@ def with_cpu(
     if neo4j is not None:
         out["cpu_ms_per_call"]["neo4j"] = round((n1 - n0) * 1e3 / calls, 3)
     out["cpu_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(st0, st1, calls, s1 - s0)}
-    if neo4j is not None:
-        out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls, n1 - n0)
-        out["neo4j_io_per_call"] = io_per_call(io0, io1, calls)
     out["runq_wait_ms_per_call_by_thread"] = {"server": thread_cpu_ms_per_call(sw0, sw1, calls)}
     if neo4j is not None:
+        out["cpu_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nt0, nt1, calls, n1 - n0)
         out["runq_wait_ms_per_call_by_thread"]["neo4j"] = thread_cpu_ms_per_call(nw0, nw1, calls)
+        out["neo4j_io_per_call"] = io_per_call(io0, io1, calls)
     out["machine_cores_busy"] = round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2)
     return out
 
