@@ -42,8 +42,8 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event-loop factory for ``server.event_loop`` (None: asyncio's default).
 
     uvloop (libuv) runs grpc.aio's and the Neo4j driver's callbacks with less CPU per call
-    than asyncio's selector loop (README, Performance); where it is not installed, asyncio's
-    own loop serves with a warning.
+    than asyncio's selector loop (docs/performance-log.md, session 10); where it is not
+    installed, asyncio's own loop serves with a warning.
     """
     if kind != "uvloop":
         return None
