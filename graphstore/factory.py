@@ -9,6 +9,7 @@ URIs:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from graphstore.store import GraphStore
@@ -32,15 +33,48 @@ class Neo4jCredentials:
 
 
 def sqlite_path(uri: str) -> str | None:
-    """The SQLite file path for an embedded-store URI, or None for another scheme."""
+    """The SQLite file path for an embedded-store URI, or None for another scheme.
+
+    Raises:
+        ValueError: ``uri`` is no URI (no ``://``) but starts like one of the supported
+            schemes (``neo4j//host:7687``, ``bolt:host``, ``sqlite:/x.db``): a mistyped URI
+            that would otherwise become a SQLite file of that name. A file whose path really
+            starts so is written ``./neo4j/...``.
+    """
     if uri.startswith("sqlite://"):
         rest = uri[len("sqlite://") :]
         if rest in (":memory:", "/:memory:"):
             return ":memory:"
         return rest[1:] if rest.startswith("/") else rest
     if "://" not in uri:
+        head = re.split(r"[:/]", uri, maxsplit=1)[0].lower()
+        if head in (*NEO4J_SCHEMES, "sqlite") and head != uri:
+            raise ValueError(
+                f"store URI {uri!r} looks like a mistyped {head}:// URI; write "
+                f"{head}://... (or ./{uri} for a SQLite file of that name)"
+            )
         return uri
     return None
+
+
+def check_store_uri(uri: str) -> str:
+    """Check that ``uri`` names a store :func:`create_store` can open.
+
+    Returns:
+        ``uri`` unchanged.
+
+    Raises:
+        ValueError: the URI is empty, its scheme is not supported (the message lists those
+            that are), or it is a mistyped URI (see :func:`sqlite_path`).
+    """
+    if not uri.strip():
+        raise ValueError("store URI is empty; use a file path, sqlite:///PATH or neo4j://HOST")
+    if sqlite_path(uri) is None and uri.split("://", 1)[0] not in NEO4J_SCHEMES:
+        raise ValueError(
+            f"store URI scheme {uri.split('://', 1)[0]!r} is not supported; use a file path, "
+            f"sqlite:///PATH, or one of {', '.join(s + '://' for s in NEO4J_SCHEMES)}"
+        )
+    return uri
 
 
 def create_store(
@@ -49,7 +83,8 @@ def create_store(
     """Create (not yet open) the store for ``uri``.
 
     Raises:
-        ValueError: the URI's scheme is not supported (the message lists those that are).
+        ValueError: the URI's scheme is not supported (the message lists those that are), or
+            it is a mistyped URI (see :func:`sqlite_path`).
     """
     path = sqlite_path(uri)
     if path is not None:

@@ -165,6 +165,11 @@ class TextEncoder:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as transformers_logging
+
+                # transformers draws a "Loading weights" progress bar on stderr: noise in a
+                # server's JSON log (the load takes well under a second)
+                transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
                 if self.name == DEFAULT_ENCODER_NAME:
                     try:

@@ -134,7 +134,7 @@ class RouterServer:
         self.metrics_port = 0
 
     async def start(self, *, warm_up: bool = True) -> int:
-        """Open the store, load models, bind the port and report SERVING.
+        """Open the store, load models, warm up, then bind the port and report SERVING.
 
         Args:
             warm_up: Load the text encoder (and network) before reporting SERVING.
@@ -198,13 +198,6 @@ class RouterServer:
             ),
             self.server,
         )
-        address = f"{cfg.host}:{cfg.port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
-        if self.port == 0:
-            raise RuntimeError(f"cannot bind the gRPC port at {address}")
         if cfg.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -227,6 +220,16 @@ class RouterServer:
             # collector's full passes, which otherwise stall the event loop ~0.5 s
             freeze_long_lived()
             self._froze = True
+        # The port is bound last: until the server can answer, a connection is refused (a
+        # client fails fast with UNAVAILABLE and retries) instead of accepted and left
+        # waiting, and a TCP probe (the chart's probes with TLS on) does not pass early.
+        address = f"{cfg.host}:{cfg.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
+        if self.port == 0:
+            raise RuntimeError(f"cannot bind the gRPC port at {address}")
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -234,6 +237,7 @@ class RouterServer:
             "serving",
             address=f"{cfg.host}:{self.port}",
             store=_redact(self.settings.store.uri),
+            store_type=type(self.store).__name__,
             scorer=type(scorer.inner).__name__,
             tls=("mtls" if cfg.tls.require_client_auth else "tls") if credentials else "off",
             auth_tokens=len(tokens),

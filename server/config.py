@@ -18,7 +18,17 @@ from typing import Any, Literal
 
 import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from graphstore.factory import check_store_uri
 
 #: Default location of the embedded database, relative to the working directory.
 DEFAULT_STORE_URI = "sqlite:///data/gmtrouter.db"
@@ -169,6 +179,12 @@ class StoreSettings(_Section):
         description="sqlite:///PATH (embedded, default), or neo4j:// / bolt:// / neo4j+s://.",
     )
     neo4j: Neo4jSettings = Neo4jSettings()
+
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, uri: str) -> str:
+        return check_store_uri(uri)
+
     connect_timeout_s: float = Field(
         2.0, gt=0, le=120, description="Neo4j: TCP connect timeout per attempt, in seconds."
     )
@@ -509,7 +525,8 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
             continue
-        lines.append(f"  {key}: {err['msg']}{got}{_allowed(Settings, loc)}")
+        msg = str(err["msg"]).removeprefix("Value error, ")  # pydantic's prefix of a ValueError
+        lines.append(f"  {key}: {msg}{got}{_allowed(Settings, loc)}")
     return "\n".join(lines)
 
 

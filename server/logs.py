@@ -39,7 +39,12 @@ def redact_texts(
 
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Configure structlog (and the stdlib root logger) once at start-up.
+    """Configure structlog and the stdlib root logger at start-up (again on a second call).
+
+    Records of libraries that log through the stdlib (``graphstore``'s stores,
+    sentence-transformers, the Neo4j driver, grpc's asyncio layer) go through the same
+    processors and renderer as structlog's own events, so that with ``fmt="json"`` every line
+    on stderr is one JSON object (``"logger"`` names the stdlib logger).
 
     Args:
         fmt: "json", "console", or "auto" (console when stderr is a terminal).
@@ -47,8 +52,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     lvl = getattr(logging, level.upper())
-    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
-    processors: list[structlog.typing.Processor] = [
+    shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         redact_texts,
         structlog.processors.add_log_level,
@@ -62,9 +66,21 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         else structlog.processors.JSONRenderer()
     )
     if not use_console:
-        processors.append(structlog.processors.format_exc_info)
+        shared.append(structlog.processors.format_exc_info)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(lvl)
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

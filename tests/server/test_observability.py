@@ -8,6 +8,7 @@ error and load-shedding cases.
 from __future__ import annotations
 
 import asyncio
+import json
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -131,6 +132,22 @@ def test_secrets_never_logged(metered: tuple[ServerProcess, int]) -> None:
     assert TOKEN not in log
     assert "not-the-token-0123456789" not in log
     assert PASSWORD not in log
+
+
+def test_every_log_line_is_json(metered: tuple[ServerProcess, int]) -> None:
+    """With ``logging.format: json`` the whole log parses line by line, start-up included
+    (libraries' stdlib log records too, and no progress bars)."""
+    srv, _ = metered
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        stub.Select(select_request("json-user"), metadata=AUTH, timeout=30)
+    lines = srv.log().splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
+    assert all(isinstance(e, dict) and "event" in e and "level" in e for e in events)
+    names = {e["event"] for e in events}
+    assert {"serving", "rpc"} <= names
+    # the text encoder's load, logged by sentence-transformers through the stdlib
+    assert any(e.get("logger", "").startswith("sentence_transformers") for e in events)
 
 
 class _FailingPairs(SQLiteGraphStore):
