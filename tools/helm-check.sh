@@ -222,6 +222,19 @@ refuse 'pullPolicy' --set image.pullPolicy=Sometimes
 refuse 'divisible by num_heads' --set config.decision.algorithm.gmtrouter.hidden_dim=66
 refuse 'embedded SQLite store' --set replicaCount=3
 refuse 'embedded SQLite store' --set autoscaling.enabled=true
+refuse 'podDisruptionBudget: set maxUnavailable .* not both' \
+  --set podDisruptionBudget.minAvailable=1 --set podDisruptionBudget.maxUnavailable=1
+
+# --- PodDisruptionBudget: maxUnavailable 1 by default; minAvailable alone replaces it ---------
+step "PodDisruptionBudget: default, and minAvailable set alone"
+pdb() { "$HELM" template gmtrouter "$COPY" --kube-version "${KUBE_VERSIONS[0]}" -s templates/pdb.yaml "$@"; }
+got=$(pdb)
+grep -qx '  maxUnavailable: 1' <<<"$got" && ! grep -q minAvailable <<<"$got" \
+  || { echo "$got" >&2; die "default PDB: expected maxUnavailable: 1 and no minAvailable"; }
+got=$(pdb --set podDisruptionBudget.minAvailable=1)
+grep -qx '  minAvailable: 1' <<<"$got" && ! grep -q maxUnavailable <<<"$got" \
+  || { echo "$got" >&2; die "--set podDisruptionBudget.minAvailable=1: expected minAvailable: 1 and no maxUnavailable"; }
+echo "  default: maxUnavailable: 1; --set podDisruptionBudget.minAvailable=1: minAvailable: 1, no maxUnavailable"
 
 # --- Kubernetes schemas ------------------------------------------------------------------
 for kv in "${KUBE_VERSIONS[@]}"; do
