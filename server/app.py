@@ -53,6 +53,10 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
+#: Longest wait for the store to flush and close at shutdown, after the grace period, in
+#: seconds.
+STORE_CLOSE_TIMEOUT_S = 10.0
+
 
 def _event_loop_name() -> str:
     """``uvloop`` or ``asyncio``: which event loop runs this server (``server.event_loop``)."""
@@ -160,7 +164,9 @@ class RouterServer:
         gate = RpcGate(
             self.metrics, BearerAuth(tokens) if tokens.enabled else None, cfg.max_inflight
         )
-        self.server = grpc.aio.server()
+        # grpc enables SO_REUSEPORT by default: a second server on a port in use would then
+        # start and take part of the connections. Off, binding a used port fails.
+        self.server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -249,14 +255,21 @@ class RouterServer:
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, let in-flight calls finish (``grace_s``), flush and close the store."""
+        """NOT_SERVING, let in-flight calls finish (``grace_s``), flush and close the store
+        (waiting at most :data:`STORE_CLOSE_TIMEOUT_S` for it)."""
         grace = self.settings.server.grace_period_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
         if self.learner is not None:
             await self.learner.stop()
-        await self.store.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.store.close()), STORE_CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            # A store that stalls (a stopped Neo4j) must not hold the process: the writes still
+            # in flight belong to calls that have ended unacknowledged (their clients retry
+            # with the same idempotency key), so nothing acknowledged is lost.
+            log.error("store did not close in time; exiting", timeout_s=STORE_CLOSE_TIMEOUT_S)
         self.metrics.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self._froze:

@@ -279,8 +279,19 @@ class LimitSettings(_Section):
     """``limits`` — request validation bounds."""
 
     max_candidates: int = Field(64, ge=1, le=4096)
-    max_query_chars: int = Field(32768, ge=1)
-    max_user_id_chars: int = Field(256, ge=1, le=4096)
+    max_query_chars: int = Field(
+        32768, ge=1, description="Query text, with or without a client-supplied embedding."
+    )
+    max_response_chars: int = Field(262144, ge=1, description="RecordResponse's response text.")
+    # Neo4j indexes ids and model names, alone or in pairs (user_id, session_id): an index
+    # key holds at most 8,167 bytes, so 1,000 characters of up to 4 UTF-8 bytes fit twice.
+    max_user_id_chars: int = Field(256, ge=1, le=1000)
+    max_id_chars: int = Field(
+        256,
+        ge=1,
+        le=1000,
+        description="session_id, interaction_id, idempotency_key and model names.",
+    )
     max_history_messages: int = Field(256, ge=0)
 
 

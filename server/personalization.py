@@ -65,6 +65,10 @@ from server.scoring import PriorScorer, Scores
 METHOD = "gmtrouter"
 METHOD_COLD_START = "gmtrouter_cold_start"
 
+#: Candidate models outside the checkpoint whose embedded features one scorer keeps (LRU):
+#: 384 float32 (1.5 KB) each, so at most ≈ 6 MB however many names clients send.
+MAX_EMBEDDED_LLMS = 4096
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServedModel:
@@ -260,6 +264,9 @@ class NetworkScorer:
         self._llm_x: dict[str, torch.Tensor] = {
             m: checkpoint.llm_x[i] for i, m in enumerate(checkpoint.models)
         }
+        #: Features of candidate models the checkpoint does not know, embedded on first use:
+        #: LRU, at most :data:`MAX_EMBEDDED_LLMS` (clients name the candidates).
+        self._llm_x_embedded: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._descriptions = {m.name: m.description for m in settings.models if m.description}
         self._cache: collections.OrderedDict[str, _UserState] = collections.OrderedDict()
         self.head = HeadBatcher()
@@ -372,14 +379,27 @@ class NetworkScorer:
     async def llm_features(self, names: Sequence[str]) -> torch.Tensor:
         """float32 ``[len(names), D_llm]``: the checkpoint's features, else the embedding of the
         model's configured ``description`` (or the training-time text for its name)."""
-        missing = [m for m in names if m not in self._llm_x]
+        found: dict[str, torch.Tensor] = {}
+        for m in names:
+            x = self._llm_x.get(m)
+            if x is None:
+                x = self._llm_x_embedded.get(m)
+                if x is not None:
+                    self._llm_x_embedded.move_to_end(m)
+            if x is not None:
+                found[m] = x
+        missing = list(dict.fromkeys(m for m in names if m not in found))
         if missing:
             texts = [self._descriptions.get(m) or llm_description(m) for m in missing]
             loop = asyncio.get_running_loop()
             emb = await loop.run_in_executor(self.executor, self.encoder.encode, texts)
             for m, row in zip(missing, emb, strict=True):
-                self._llm_x[m] = torch.from_numpy(np.array(row, dtype=np.float32))
-        return torch.stack([self._llm_x[m] for m in names])
+                found[m] = self._llm_x_embedded[m] = torch.from_numpy(
+                    np.array(row, dtype=np.float32)
+                )
+            while len(self._llm_x_embedded) > MAX_EMBEDDED_LLMS:
+                self._llm_x_embedded.popitem(last=False)
+        return torch.stack([found[m] for m in names])
 
     # -- encoding ----------------------------------------------------------------------------
 

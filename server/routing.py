@@ -57,6 +57,10 @@ RECORD_OUTCOME_UNKNOWN = "outcome unknown"
 # search instead of a generator over the characters (timeit, a 43-character id: 4.5 -> 0.6 µs).
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
+#: How far ahead of the server's clock a RecordResponse ``timestamp`` may lie, in seconds
+#: (clock skew; history is read newest first, so a future-dated record would stay "newest").
+MAX_TIMESTAMP_AHEAD_S = 24 * 3600.0
+
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Done callback: mark a future's exception retrieved (nobody awaits it any more)."""
@@ -110,6 +114,15 @@ class RoutingService:
         if _CONTROL_CHARACTER.search(user_id):
             raise InvalidRequestError(field, "must not contain control characters")
 
+    def _check_id(self, value: str, field: str) -> None:
+        """An optional identifier or model name: at most ``limits.max_id_chars`` characters
+        (Neo4j indexes these: an index key holds at most ≈ 8 KB), no control characters."""
+        limit = self.settings.limits.max_id_chars
+        if len(value) > limit:
+            raise InvalidRequestError(field, f"is {len(value)} characters; the limit is {limit}")
+        if _CONTROL_CHARACTER.search(value):
+            raise InvalidRequestError(field, "must not contain control characters")
+
     def _check_candidates(self, candidates: Sequence[Candidate], field: str) -> None:
         if not candidates:
             raise InvalidRequestError(field, "at least one candidate model is required")
@@ -119,9 +132,13 @@ class RoutingService:
         for i, c in enumerate(candidates):
             if not c.model or not c.model.strip():
                 raise InvalidRequestError(f"{field}[{i}].model", "model name must not be blank")
+            self._check_id(c.model, f"{field}[{i}].model")
 
     def _check_query(self, query: str, embedding: npt.NDArray[np.float32] | None) -> None:
         dim = self.settings.embedding.dim
+        limit = self.settings.limits.max_query_chars
+        if len(query) > limit:
+            raise InvalidRequestError("query", f"is {len(query)} characters; the limit is {limit}")
         if embedding is not None and embedding.size:
             if embedding.shape != (dim,):
                 raise InvalidRequestError(
@@ -134,9 +151,6 @@ class RoutingService:
             raise InvalidRequestError(
                 "query", "either a non-empty query text or a query_embedding is required"
             )
-        limit = self.settings.limits.max_query_chars
-        if len(query) > limit:
-            raise InvalidRequestError("query", f"is {len(query)} characters; the limit is {limit}")
 
     # -- embedding ---------------------------------------------------------------------------
 
@@ -198,8 +212,10 @@ class RoutingService:
         """Score every candidate for this user and query; return the best.
 
         Raises:
-            InvalidRequestError: empty ``user_id``, no candidates, a blank model name, too
-                many candidates, or neither query text nor an embedding of dimension ``D``.
+            InvalidRequestError: empty ``user_id``, no candidates, a blank model name or one
+                longer than ``limits.max_id_chars``, too many candidates, a query longer than
+                ``limits.max_query_chars``, or neither query text nor an embedding of
+                dimension ``D``.
             StoreUnavailableError: the store failed.
         """
         self._check_user(req.user_id)
@@ -265,9 +281,12 @@ class RoutingService:
         Raises:
             InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
                 comparison without winner/loser or with winner == loser; a rating outside its
-                scale or not finite; neither query text nor embedding; an
-                ``interaction_id`` with ':' or control characters or longer than
-                ``limits.max_user_id_chars``.
+                scale or not finite; neither query text nor embedding; a query longer than
+                ``limits.max_query_chars`` or a response longer than
+                ``limits.max_response_chars``; an ``interaction_id`` with ':'; an
+                ``interaction_id``, ``session_id``, ``idempotency_key`` or model name longer
+                than ``limits.max_id_chars`` or with control characters; a ``timestamp``
+                before 1970 or more than :data:`MAX_TIMESTAMP_AHEAD_S` ahead of the clock.
             CommitOutcomeUnknownError: the store connection dropped while the commit was in
                 flight; the message starts with :data:`RECORD_OUTCOME_UNKNOWN`. Retrying
                 with the same idempotency key stores it exactly once.
@@ -278,17 +297,30 @@ class RoutingService:
         self._check_query(rec.query, rec.query_embedding)
         if rec.turn_index < 0:
             raise InvalidRequestError("turn_index", "must be >= 0")
-        iid = rec.interaction_id
-        if iid:
-            # turn ids are "<interaction id>:<model>": a ':' here could make two equal
-            limit = self.settings.limits.max_user_id_chars
-            if len(iid) > limit:
+        self._check_id(rec.interaction_id, "interaction_id")
+        # turn ids are "<interaction id>:<model>": a ':' here could make two equal
+        if ":" in rec.interaction_id:
+            raise InvalidRequestError("interaction_id", "must not contain ':'")
+        self._check_id(rec.session_id, "session_id")
+        self._check_id(rec.idempotency_key, "idempotency_key")
+        self._check_id(rec.model, "model")
+        limit = self.settings.limits.max_response_chars
+        if len(rec.response) > limit:
+            raise InvalidRequestError(
+                "response", f"is {len(rec.response)} characters; the limit is {limit}"
+            )
+        if rec.timestamp_s is not None:
+            now = time.time()
+            if rec.timestamp_s < 0:
                 raise InvalidRequestError(
-                    "interaction_id", f"is {len(iid)} characters; the limit is {limit}"
+                    "timestamp", f"is {rec.timestamp_s:.0f} s, before 1970-01-01 (the Unix epoch)"
                 )
-            if ":" in iid or _CONTROL_CHARACTER.search(iid):
+            if rec.timestamp_s > now + MAX_TIMESTAMP_AHEAD_S:
                 raise InvalidRequestError(
-                    "interaction_id", "must not contain ':' or control characters"
+                    "timestamp",
+                    f"lies {(rec.timestamp_s - now) / 3600:.1f} hours ahead of the server's "
+                    f"clock; the limit is {MAX_TIMESTAMP_AHEAD_S / 3600:.0f} hours (omit it "
+                    f"and the server stamps the time it records)",
                 )
         rating: float | None = None
         c = rec.comparison
@@ -297,6 +329,8 @@ class RoutingService:
                 raise InvalidRequestError("comparison.winner_model", "must not be blank")
             if not c.loser_model.strip():
                 raise InvalidRequestError("comparison.loser_model", "must not be blank")
+            self._check_id(c.winner_model, "comparison.winner_model")
+            self._check_id(c.loser_model, "comparison.loser_model")
             if c.winner_model == c.loser_model:
                 raise InvalidRequestError(
                     "comparison", f"winner_model and loser_model are both {c.winner_model!r}"

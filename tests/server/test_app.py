@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from graphstore.sqlite_store import SQLiteGraphStore
@@ -46,3 +47,22 @@ async def test_the_port_refuses_connections_while_warming_up() -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await app.stop(0)
+
+
+async def test_a_second_server_on_a_port_in_use_fails_to_start() -> None:
+    """grpc's default SO_REUSEPORT would let both listen and split the connections."""
+    port = free_port()
+    settings = parse_settings({"server": {"port": port, "metrics_port": 0}})
+    first = RouterServer(
+        settings, store=SQLiteGraphStore(":memory:", embedding_dim=DIM), environ={}
+    )
+    await first.start(warm_up=False)
+    second = RouterServer(
+        settings, store=SQLiteGraphStore(":memory:", embedding_dim=DIM), environ={}
+    )
+    try:
+        with pytest.raises(RuntimeError):
+            await second.start(warm_up=False)
+    finally:
+        await second.stop(0)
+        await first.stop(0)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import queue
 import signal
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -122,6 +124,23 @@ def test_select_with_text_query(stub: router_pb2_grpc.RouterServiceStub) -> None
             },
             "candidate_models",
         ),
+        (
+            {"user_id": "u", "query": "hi", "candidate_models": cands("a", "m" * 257)},
+            "candidate_models[1].model",
+        ),
+        (
+            {"user_id": "u", "query": "hi", "candidate_models": cands("a\nb")},
+            "candidate_models[0].model",
+        ),
+        (  # the query's limit holds with a client-supplied embedding too
+            {
+                "user_id": "u",
+                "query": "x" * 32769,
+                "query_embedding": emb(1),
+                "candidate_models": cands("a"),
+            },
+            "query",
+        ),
     ],
 )
 def test_select_invalid_argument(
@@ -167,6 +186,58 @@ def test_select_invalid_argument(
                 "rating": pb.Rating(value=7, scale_min=1, scale_max=5),
             },
             "rating",
+        ),
+        # Neo4j indexes these: over-long values are refused before any write
+        ({"user_id": "u", "query": "q", "model": "a", "session_id": "s" * 257}, "session_id"),
+        ({"user_id": "u", "query": "q", "model": "a", "session_id": "s\t1"}, "session_id"),
+        (
+            {"user_id": "u", "query": "q", "model": "a", "idempotency_key": "k" * 257},
+            "idempotency_key",
+        ),
+        ({"user_id": "u", "query": "q", "model": "a" * 257}, "model"),
+        (
+            {"user_id": "u", "query": "q", "interaction_id": "i" * 257, "model": "a"},
+            "interaction_id",
+        ),
+        (
+            {
+                "user_id": "u",
+                "query": "q",
+                "comparison": pb.Comparison(winner_model="a", loser_model="b" * 257),
+            },
+            "comparison.loser_model",
+        ),
+        ({"user_id": "u", "query": "q", "model": "a", "response": "r" * 262145}, "response"),
+        (
+            {"user_id": "u", "query": "x" * 32769, "query_embedding": emb(1), "model": "a"},
+            "query",
+        ),
+        (  # 0001-01-01
+            {
+                "user_id": "u",
+                "query": "q",
+                "model": "a",
+                "timestamp": Timestamp(seconds=-62135596800),
+            },
+            "timestamp",
+        ),
+        (  # 9999-12-31
+            {
+                "user_id": "u",
+                "query": "q",
+                "model": "a",
+                "timestamp": Timestamp(seconds=253402300799),
+            },
+            "timestamp",
+        ),
+        (  # two days ahead of the server's clock
+            {
+                "user_id": "u",
+                "query": "q",
+                "model": "a",
+                "timestamp": Timestamp(seconds=int(time.time()) + 2 * 86400),
+            },
+            "timestamp",
         ),
     ],
 )

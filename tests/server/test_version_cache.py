@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+import torch
 
 from graphstore.interactions import Comparison, Interaction
 from graphstore.sqlite_store import SQLiteGraphStore
 from model.checkpoint import load_checkpoint
+from model.text_encoder import TextEncoder
 from server.config import parse_settings
 from server.personalization import NetworkScorer
 from server.scoring import PriorScorer
@@ -109,3 +112,37 @@ async def test_zero_max_age_reads_on_every_select(setup: Setup) -> None:
     assert store.version_reads == 4
     await store.record([comparison(1, b, a)])
     assert (await net.score("u", Q, [a, b])).history_turns == 4
+
+
+async def test_embedded_llm_features_are_bounded(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Candidate names come from clients: features of unknown models form an LRU cache (a
+    name is embedded again once evicted)."""
+    import server.personalization
+
+    monkeypatch.setattr(server.personalization, "MAX_EMBEDDED_LLMS", 3)
+    _, net, a, _ = await setup(0)
+    encoder = _CountingEncoder()
+    net.encoder = encoder
+    x = await net.llm_features([a, "new-1", "new-2", "new-1"])
+    assert x.shape == (4, DIM) and torch.equal(x[1], x[3])
+    await net.llm_features(["new-3", "new-4", "new-5"])
+    assert list(net._llm_x_embedded) == ["new-3", "new-4", "new-5"]
+    assert encoder.texts == 5  # each new name embedded once
+    again = await net.llm_features(["new-1", a])
+    assert again.shape == (2, DIM) and torch.allclose(again[0], x[1], atol=1e-5)
+    assert encoder.texts == 6 and len(net._llm_x_embedded) == 3
+
+
+class _CountingEncoder(TextEncoder):
+    """The real text encoder (torch backend), counting the texts it embeds."""
+
+    texts = 0
+
+    def __init__(self) -> None:
+        super().__init__(backend="torch", threads=1)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
+        self.texts += len(texts)
+        return super().encode(texts, batch_size)
