@@ -4,7 +4,8 @@
 #   tools/neo4j/neo4j.sh install   # jars -> tools/neo4j/.lib (skipped when already there)
 #   tools/neo4j/neo4j.sh start     # write neo4j.conf, start in the background, wait for Bolt
 #   tools/neo4j/neo4j.sh stop      # SIGTERM to the recorded PID, wait for exit
-#   tools/neo4j/neo4j.sh status    # exit 0 when running, 3 when stopped
+#   tools/neo4j/neo4j.sh status    # exit 0 when running, 3 when stopped; prints the ports
+#                                  # of the home's conf/neo4j.conf (what start wrote there)
 #
 # Environment (all optional):
 #   NEO4J_HOME_DIR       home: conf/, data/, logs/, run/neo4j.pid   (default tools/neo4j/.run)
@@ -97,6 +98,12 @@ running_pid() {
 conf_port() { # conf_port bolt|http -> port of the written conf (empty when none)
   [[ -f "$CONF_FILE" ]] || return 0
   sed -n "s/^server\.$1\.listen_address=.*:\([0-9][0-9]*\)$/\1/p" "$CONF_FILE" | tail -n1
+}
+
+# "bolt=127.0.0.1:P http=127.0.0.1:Q": the ports this home's server was started with (its
+# conf/neo4j.conf, written by start), not NEO4J_BOLT_PORT/NEO4J_HTTP_PORT of this call.
+conf_ports() {
+  echo "bolt=127.0.0.1:$(conf_port bolt) http=127.0.0.1:$(conf_port http)"
 }
 
 port_in_use() {
@@ -360,7 +367,7 @@ cmd_stop() {
     log "not running (home $HOME_DIR)"
     return 0
   fi
-  log "stopping Neo4j (pid $pid)"
+  log "stopping Neo4j (pid $pid, $(conf_ports), home $HOME_DIR)"
   if ! terminate "$pid"; then
     print_log_tail 30
     die "pid $pid did not exit within ${STOP_TIMEOUT}s after SIGTERM; pid file kept"
@@ -373,10 +380,15 @@ cmd_status() {
   abs_home
   local pid
   if pid="$(running_pid)"; then
-    echo "running pid=$pid bolt=127.0.0.1:$(conf_port bolt) http=127.0.0.1:$(conf_port http) home=$HOME_DIR"
+    echo "running pid=$pid $(conf_ports) home=$HOME_DIR"
     return 0
   fi
-  echo "stopped bolt=127.0.0.1:$BOLT_PORT http=127.0.0.1:$HTTP_PORT home=$HOME_DIR"
+  if [[ -n "$(conf_port bolt)" ]]; then
+    echo "stopped home=$HOME_DIR (last started with $(conf_ports); the next start uses" \
+      "NEO4J_BOLT_PORT/NEO4J_HTTP_PORT, default 7687/7474)"
+  else
+    echo "stopped home=$HOME_DIR (never started: no conf/neo4j.conf)"
+  fi
   return 3
 }
 
