@@ -234,6 +234,16 @@ class SamplerSettings(_Section):
         "Select reads it again: writes through other replicas reach this one's Select within "
         "this bound; writes through this replica at once. 0 = read on every Select.",
     )
+    state_max_age_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Longest reuse of a user's cached network state (the user's and the "
+        "LLMs' embeddings) at an unchanged graph version, in seconds. Bounds how long other "
+        "users' newer turns are missing from it, and how long a replica can serve state built "
+        "from data that DeleteUser erased through another replica when the user has since "
+        "written as many new interactions (the version is then the same again).",
+    )
 
 
 class EmbeddingSettings(_Section):

@@ -98,6 +98,8 @@ class _UserState:
     user_h: npt.NDArray[np.float32]  # float32 [H]
     llm_h: dict[str, npt.NDArray[np.float32]]  # name -> float32 [H'] (H' = config.llm_out_dim)
     typical_query: npt.NDArray[np.float32]  # float32 [D]
+    #: ``time.monotonic()`` when the state was built (``sampler.state_max_age_s``).
+    built_at: float
     #: candidate tuple -> float32 [C, H'] stacked ``llm_h`` rows (filled on first use)
     stacked: dict[tuple[str, ...], npt.NDArray[np.float32]] = dataclasses.field(
         default_factory=dict
@@ -479,6 +481,7 @@ class NetworkScorer:
             cached is not None
             and cached.version == version
             and cached.model is served
+            and time.monotonic() - cached.built_at < self.settings.sampler.state_max_age_s
             and all(m in cached.llm_h for m in candidates)
         ):
             self._cache.move_to_end(user_id)
@@ -520,7 +523,9 @@ class NetworkScorer:
             if len(own)
             else np.zeros(self.settings.embedding.dim, dtype=np.float32)
         )
-        state = _UserState(served, nb.version, history, user_h, llm_h, typical)
+        state = _UserState(
+            served, nb.version, history, user_h, llm_h, typical, built_at=time.monotonic()
+        )
         if served is not self._served:
             return state  # swapped meanwhile: serve this request, cache nothing stale
         self._cache[user_id] = state
@@ -607,7 +612,13 @@ class NetworkScorer:
             self.executor, self._encode_sync, served, nb, names, llm_x, False
         )
         state = _UserState(
-            served, 0, 0, user_h, llm_h, np.zeros(self.settings.embedding.dim, dtype=np.float32)
+            served,
+            0,
+            0,
+            user_h,
+            llm_h,
+            np.zeros(self.settings.embedding.dim, dtype=np.float32),
+            built_at=time.monotonic(),
         )
         if served is self._served:
             self._cold = state

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from graphstore.interactions import Comparison, Interaction
+from graphstore.neighbourhood import Neighbourhood
 from graphstore.sqlite_store import SQLiteGraphStore
 from model.checkpoint import load_checkpoint
 from model.text_encoder import TextEncoder
@@ -33,10 +35,15 @@ class CountingStore(SQLiteGraphStore):
     """The real SQLite store, counting ``user_version`` reads."""
 
     version_reads = 0
+    neighbourhood_reads = 0
 
     async def user_version(self, user_id: str) -> int:
         self.version_reads += 1
         return await super().user_version(user_id)
+
+    async def neighbourhood(self, *args: Any, **kwargs: Any) -> Neighbourhood:
+        self.neighbourhood_reads += 1
+        return await super().neighbourhood(*args, **kwargs)
 
 
 def comparison(n: int, winner: str, loser: str) -> Interaction:
@@ -55,23 +62,28 @@ def comparison(n: int, winner: str, loser: str) -> Interaction:
     )
 
 
-Setup = Callable[[float], Awaitable[tuple[CountingStore, NetworkScorer, str, str]]]
+Setup = Callable[..., Awaitable[tuple[CountingStore, NetworkScorer, str, str]]]
 
 
 @pytest.fixture()
 async def setup(checkpoint: Path) -> AsyncIterator[Setup]:
-    """``await setup(max_age_ms)``: a scorer over a fresh counting store in which user ``u``
+    """``await setup(max_age_ms[, state_max_age_s])``: a scorer over a fresh counting store in which user ``u``
     has one comparison of the checkpoint's first two models (``a`` won)."""
     store = CountingStore(":memory:", embedding_dim=DIM)
     await store.open()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     a, b = load_checkpoint(checkpoint).models[:2]
 
-    async def make(max_age_ms: float) -> tuple[CountingStore, NetworkScorer, str, str]:
+    async def make(
+        max_age_ms: float, state_max_age_s: float = 60.0
+    ) -> tuple[CountingStore, NetworkScorer, str, str]:
         settings = parse_settings(
             {
                 "decision": {"algorithm": {"gmtrouter": {"model_path": str(checkpoint)}}},
-                "sampler": {"version_max_age_ms": max_age_ms},
+                "sampler": {
+                    "version_max_age_ms": max_age_ms,
+                    "state_max_age_s": state_max_age_s,
+                },
             }
         )
         prior = PriorScorer(store, refresh_s=0.0, executor=pool)
@@ -146,3 +158,21 @@ class _CountingEncoder(TextEncoder):
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> npt.NDArray[np.float32]:
         self.texts += len(texts)
         return super().encode(texts, batch_size)
+
+
+async def test_cached_state_expires_after_state_max_age(setup: Setup) -> None:
+    """DeleteUser through another replica, then as many new writes: the version is the same
+    again, so only the state's age stops this replica serving the erased history."""
+    store, net, a, b = await setup(0, 0.5)
+    assert (await net.score("u", Q, [a, b])).history_turns == 2
+    reads = store.neighbourhood_reads
+    await store.delete_user("u")  # through another replica: this one is not told
+    await store.record([comparison(7, b, a)])
+    assert await store.user_version("u") == 1  # as before the deletion
+    stale = await net.score("u", Q, [a, b])
+    assert store.neighbourhood_reads == reads  # same version: the cached state
+    await asyncio.sleep(0.55)
+    fresh = await net.score("u", Q, [a, b])
+    assert store.neighbourhood_reads == reads + 1  # rebuilt from the store
+    assert fresh.history_turns == 2
+    assert stale.scores != fresh.scores  # b won now, a before
