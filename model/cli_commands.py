@@ -84,7 +84,8 @@ def train_command(
         split_seed: Seed of the user split.
 
     Returns:
-        ``{"version", "out", "train_time_s", "best_step", "best_val_auc", "models"}``.
+        ``{"version", "out", "train_time_s", "total_time_s", "best_step", "best_val_auc",
+        "train_users", "models"}`` ("models": how many candidate models it knows).
     """
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -122,7 +123,7 @@ def train_command(
         "best_step": res.metrics["best_step"],
         "best_val_auc": res.metrics["best_val_auc"],
         "train_users": len(prep.users),
-        "models": prep.models,
+        "models": len(prep.models),  # how many; their names are stored in the checkpoint
     }
     print(json.dumps(summary, indent=2))
     return summary
