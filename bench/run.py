@@ -240,16 +240,18 @@ class Server:
         )
         logf.close()
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server {self.name} exited early:\n{self.log_tail()}")
-                with contextlib.suppress(grpc.RpcError):
-                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return self
-                time.sleep(0.2)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited early:\n{self.log_tail()}")
+            # a new channel per attempt: one whose connections were refused (the port is bound
+            # once the server is ready) waits out grpc's reconnect backoff before retrying
+            with grpc.insecure_channel(self.address) as ch, contextlib.suppress(grpc.RpcError):
+                r = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return self
+            time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"server {self.name} not SERVING after {timeout_s} s")
 

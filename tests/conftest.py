@@ -91,18 +91,22 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited early:\n{self.log()}")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            # A new channel per attempt: the port is bound only once the server is ready, and
+            # a channel whose connections were refused waits out grpc's reconnect backoff
+            # (seconds) before it tries again.
+            with grpc.insecure_channel(self.address) as ch:
                 try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    resp = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0
+                    )
                     if resp.status == health_pb2.HealthCheckResponse.SERVING:
                         return self
                 except grpc.RpcError:
                     pass
-                time.sleep(0.2)
+            time.sleep(0.2)
         self.kill()
         raise RuntimeError(f"server not SERVING after {timeout_s} s:\n{self.log()}")
 

@@ -99,12 +99,6 @@ func startRealServer(t *testing.T) *realServer {
 	go func() { _ = srv.cmd.Wait(); _ = logf.Close(); close(srv.done) }()
 	t.Cleanup(func() { srv.stop(syscall.SIGTERM) })
 
-	conn, err := grpc.NewClient(srv.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	health := healthpb.NewHealthClient(conn)
 	start := time.Now()
 	for deadline := start.Add(180 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		select {
@@ -112,9 +106,16 @@ func startRealServer(t *testing.T) *realServer {
 			t.Fatalf("gmtrouter serve exited early:\n%s", srv.tail())
 		default:
 		}
+		// A new connection per attempt: the server binds its port only once it is ready, and
+		// a connection that was refused waits out gRPC's reconnect backoff before retrying.
+		conn, err := grpc.NewClient(srv.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		resp, err := health.Check(ctx, &healthpb.HealthCheckRequest{Service: "gmtrouter.v1.RouterService"})
+		resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "gmtrouter.v1.RouterService"})
 		cancel()
+		_ = conn.Close()
 		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
 			t.Logf("gmtrouter serve SERVING on %s after %s", srv.addr, time.Since(start).Round(100*time.Millisecond))
 			return srv
