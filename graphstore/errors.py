@@ -25,3 +25,30 @@ class StoreTimeoutError(StoreUnavailableError):
 
 class InvalidInteractionError(GraphStoreError, ValueError):
     """An interaction is malformed (e.g. an embedding of the wrong dimension)."""
+
+
+class IdempotencyConflictError(GraphStoreError, ValueError):
+    """An ``idempotency_key`` or ``interaction_id`` is stored already, for a different
+    interaction: another user's, or the same user's with other content (see
+    :func:`graphstore.interactions.content_fingerprint`). Nothing of the call was written.
+
+    Only a retry, the same user sending the same content again, is a duplicate; anything else
+    reusing a stored key or id is a client error (a key reused for a new interaction, or a
+    guessed or leaked one), so it is refused instead of being reported as a duplicate, which
+    would drop the feedback silently and hand out the stored interaction's id. The message
+    starts with the field name (``"idempotency_key: …"`` or ``"interaction_id: …"``) and
+    reveals nothing of the stored interaction (neither its id, its user nor its content).
+
+    The server maps it to gRPC ``INVALID_ARGUMENT``, not ``ALREADY_EXISTS``: clients and
+    gateways commonly treat ``ALREADY_EXISTS`` on a create as "already done, fine", which is
+    exactly the silent loss this error exists to prevent; the request carries a field value
+    that must be changed (a new key for a new interaction), which is what
+    ``INVALID_ARGUMENT`` with the field name first says everywhere else in the service.
+
+    Attributes:
+        field: ``"idempotency_key"`` or ``"interaction_id"``.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from graphstore.errors import InvalidInteractionError
+from graphstore.errors import IdempotencyConflictError, InvalidInteractionError
 
 
 def query_key(text: str) -> str:
@@ -252,6 +254,97 @@ def pair_counts_from(interactions: Sequence[Interaction]) -> list[PairCount]:
         (c.winner_model, c.loser_model, c.tie)
         for c in (it.comparison for it in interactions)
         if c is not None
+    )
+
+
+#: Prefix of :func:`content_fingerprint` values: the version of their canonical encoding. A
+#: stored fingerprint with another prefix (written by a later version) is not compared.
+FINGERPRINT_PREFIX = "v1:"
+
+_HASHED_TEXT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _text_digest(text: str) -> str:
+    """``sha256:<hex>`` of a text, or the text itself when it is such a digest already (a
+    deployment with ``privacy.store_raw_text`` false stores texts that way)."""
+    if _HASHED_TEXT.fullmatch(text):
+        return text
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def content_fingerprint(it: Interaction) -> str:
+    """What a retry of ``it`` must repeat, as ``"v1:" + sha256 hex`` (stored with the row).
+
+    A retried ``RecordResponse`` (same ``idempotency_key`` or ``interaction_id``) is a
+    duplicate only when its fingerprint equals the stored one. It covers everything the
+    client sends that is stored: ``user_id``, ``session_id``, ``turn_index``, ``model``, the
+    response text, the normalised rating (its scale is not stored: 4 on 1–5 and 7 on 1–9 are
+    both 0.75), the comparison (winner, loser, tie) and the query: its text when there is one,
+    else the embedding's float32 bytes. Left out, because a faithful retry may change them:
+
+    * ``timestamp_s`` — the server fills in its own clock when the request has none;
+    * the embedding of a query that has a text — the server computes it from the text when
+      the request has none, and another replica (other CPU, other encoder build) may round
+      differently;
+    * ``interaction_id`` and ``idempotency_key`` — they are what is looked up; a retry may
+      carry a fresh server-made id, or the id with another key.
+
+    Texts count by their SHA-256, so a text stored raw and the same text stored hashed
+    (``privacy.store_raw_text`` false: ``sha256:<hex>``) give the same fingerprint.
+    """
+    if it.query:
+        query = ["text", _text_digest(it.query)]
+    else:
+        emb = np.ascontiguousarray(it.query_embedding, dtype="<f4")
+        query = ["embedding", hashlib.sha256(emb.tobytes()).hexdigest()]
+    c = it.comparison
+    fields = [
+        it.user_id,
+        it.session_id,
+        int(it.turn_index),
+        it.model,
+        _text_digest(it.response),
+        None if it.rating is None else float(it.rating),
+        None if c is None else [c.winner_model, c.loser_model, bool(c.tie)],
+        query,
+    ]
+    canonical = json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
+    return FINGERPRINT_PREFIX + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def is_retry_of(
+    stored_user_id: str, stored_fingerprint: str | None, it: Interaction, fp: str
+) -> bool:
+    """Whether ``it`` (with :func:`content_fingerprint` ``fp``) repeats a stored interaction
+    found by its idempotency key or id: the same user and, where the stored row has a
+    fingerprint of this version, the same content. Rows stored before fingerprints existed
+    (``None``), or with a fingerprint of another version, are compared by user only."""
+    if stored_user_id != it.user_id:
+        return False
+    if stored_fingerprint is None or not stored_fingerprint.startswith(FINGERPRINT_PREFIX):
+        return True
+    return stored_fingerprint == fp
+
+
+def idempotency_conflict(
+    field: str, value: str, position: int, size: int
+) -> IdempotencyConflictError:
+    """The error for ``value`` of ``field`` (``"idempotency_key"`` or ``"interaction_id"``),
+    stored already for a different interaction; ``position`` is the interaction's index among
+    the ``size`` of its ``record`` call. Nothing of the stored interaction is revealed."""
+    shown = repr(value) if len(value) <= 100 else f"{value[:100]!r}… ({len(value)} characters)"
+    fresh = (
+        "a new idempotency_key"
+        if field == "idempotency_key"
+        else "a new interaction_id (or none: the server then makes one)"
+    )
+    where = f" (interaction {position + 1} of {size} in this call)" if size > 1 else ""
+    return IdempotencyConflictError(
+        field,
+        f"{shown} was already used for a different interaction{where}: another user's, or "
+        f"one with other content (session, turn, model, response, rating, comparison or "
+        f"query). A retry must repeat the original request unchanged; a new interaction "
+        f"needs {fresh}. Nothing of this request is stored",
     )
 
 

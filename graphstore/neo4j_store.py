@@ -6,9 +6,12 @@ Nodes
     ``(:User {user_id, version})`` — ``version`` counts the interactions written for the user.
     ``(:LLM {name})``.
     ``(:Query {interaction_id, idempotency_key, user_id, session_id, turn_index, text,
-    embedding, model, response, rating, winner_model, loser_model, tie, ts, query_key})`` — one per
-    recorded interaction; it carries the interaction-level properties (there is no separate
-    ``Interaction`` label). ``embedding`` is little-endian float32 bytes (``4·D`` bytes).
+    embedding, model, response, rating, winner_model, loser_model, tie, ts, query_key,
+    fingerprint})`` — one per recorded interaction; it carries the interaction-level
+    properties (there is no separate ``Interaction`` label). ``embedding`` is little-endian
+    float32 bytes (``4·D`` bytes); ``fingerprint`` is
+    :func:`graphstore.interactions.content_fingerprint` (absent on queries written before it
+    existed: a retry of those is recognised by its user alone).
     ``(:Response {response_id, llm, outcome, text})`` — one per turn; ``response_id`` equals
     the turn id; ``text`` is the response text on the response of ``Query.model``.
     ``(:Turn {turn_id, interaction_id, user_id, session_id, turn_index, llm, outcome, ts})`` —
@@ -57,14 +60,18 @@ uniqueness constraint, the transaction rolls back, and the group is written agai
 way.
 
 The other way, two statements. The first reads which keys and ids are stored already
-(``idempotency_key``, then ``interaction_id``, as the SQLite store does) and the last turns
-of every session the group touches. The second locks the user nodes, reads those session
-tails again under the locks, creates the rows and the ``FOLLOWS`` edges planned from the
-tails, and updates the pair counts. A session that got a late turn, or whose tail changed
-between the two statements (another writer), is re-linked as a whole in the same
-transaction. A concurrent writer (another replica) racing on the same id or key hits a
-uniqueness constraint; the transaction rolls back and is run again, where the duplicate
-check now sees the other writer's row.
+(``idempotency_key``, then ``interaction_id``, as the SQLite store does), with the user and
+fingerprint of their queries, and the last turns of every session the group touches. The
+second locks the user nodes, reads those session tails again under the locks, creates the
+rows and the ``FOLLOWS`` edges planned from the tails, and updates the pair counts. A call
+whose key or id is stored for a different interaction (another user's, or other content:
+:func:`graphstore.interactions.is_retry_of`) is refused with
+:class:`~graphstore.errors.IdempotencyConflictError` and nothing of it is written; the other
+calls of the group are written as usual, in the same transaction. A session that got a late
+turn, or whose tail changed between the two statements (another writer), is re-linked as a
+whole in the same transaction. A concurrent writer (another replica) racing on the same id
+or key hits a uniqueness constraint; the transaction rolls back and is run again, where the
+duplicate check now sees the other writer's row.
 
 Reads: :meth:`~Neo4jGraphStore.neighbourhood` runs every hop in one read transaction and
 feeds :func:`graphstore.neighbourhood.assemble_neighbourhood`, as the SQLite store does, so
@@ -92,7 +99,11 @@ from neo4j import (
 from neo4j import exceptions as neo4j_errors
 from neo4j.api import AsyncBookmarkManager
 
-from graphstore.errors import CommitOutcomeUnknownError, StoreUnavailableError
+from graphstore.errors import (
+    CommitOutcomeUnknownError,
+    IdempotencyConflictError,
+    StoreUnavailableError,
+)
 from graphstore.factory import Neo4jCredentials
 from graphstore.interactions import (
     Interaction,
@@ -101,6 +112,9 @@ from graphstore.interactions import (
     RecordResult,
     UserComparison,
     check_interaction,
+    content_fingerprint,
+    idempotency_conflict,
+    is_retry_of,
     pair_counts_from,
     pair_deltas,
 )
@@ -169,18 +183,19 @@ _SESSION_TAIL = f"""  CALL (s) {{
   }}
   RETURN collect({{user_id: s.user_id, session_id: s.session_id, n: n, top: top, tail: tail}})"""
 
-# First statement of a write: which keys and ids are stored already, and the tails of the
+# First statement of a write: which keys and ids are stored already (with the user and the
+# content fingerprint of their queries: only a retry is a duplicate), and the tails of the
 # sessions the batch touches (to link appended turns without reading whole sessions).
 _READ_STATE = f"""{_NO_REPLAN}
 CALL () {{
   UNWIND $p.keys AS key
   MATCH (q:Query {{idempotency_key: key}})
-  RETURN collect([key, q.interaction_id]) AS by_key
+  RETURN collect([key, q.interaction_id, q.user_id, q.fingerprint]) AS by_key
 }}
 CALL () {{
   UNWIND $p.ids AS id
   MATCH (q:Query {{interaction_id: id}})
-  RETURN collect(id) AS known_ids
+  RETURN collect([id, q.interaction_id, q.user_id, q.fingerprint]) AS known_ids
 }}
 CALL () {{
   UNWIND $p.sessions AS s
@@ -497,6 +512,20 @@ RETURN deleted
 
 _Pending = tuple[list[Interaction], asyncio.Future[list[RecordResult]]]
 
+#: Per ``record`` call of a write group: its results, or the conflict that refused it.
+_CallResult = list[RecordResult] | IdempotencyConflictError
+
+
+def _settle(fut: asyncio.Future[list[RecordResult]], res: _CallResult) -> None:
+    """Give a ``record`` call its results, or its IdempotencyConflictError."""
+    if fut.done():
+        return
+    if isinstance(res, IdempotencyConflictError):
+        fut.set_exception(res)
+    else:
+        fut.set_result(res)
+
+
 #: (user_id, session_id) of a session.
 _SessionKey = tuple[str, str]
 
@@ -633,25 +662,70 @@ def _previous_turns(turns: list[TurnRow]) -> dict[str, str | None]:
     }
 
 
-class _Plan:
-    """What one write transaction does: per-input results and the rows to create."""
+class _Stored(NamedTuple):
+    """A stored (or planned) query found by its idempotency key or interaction id."""
 
-    def __init__(self, items: list[Interaction], by_key: dict[str, str], known: set[str]):
-        self.results: list[RecordResult] = []
+    interaction_id: str
+    user_id: str
+    #: :func:`~graphstore.interactions.content_fingerprint`; None on a query written before
+    #: fingerprints existed.
+    fingerprint: str | None
+
+
+class _Plan:
+    """What one write transaction does: per-call results and the rows to create.
+
+    Args:
+        batches: The ``record`` calls of the group, in order.
+        by_key: Stored queries by idempotency key (updated with the planned ones).
+        known: Stored queries by interaction id (updated with the planned ones).
+    """
+
+    def __init__(
+        self,
+        batches: list[list[Interaction]],
+        by_key: dict[str, _Stored],
+        known: dict[str, _Stored],
+    ) -> None:
+        self.results: list[_CallResult] = []
         self.new: list[Interaction] = []
-        for it in items:
-            key = it.idempotency_key
-            if key and key in by_key:
-                self.results.append(RecordResult(by_key[key], duplicate=True))
+        #: content_fingerprint of each of ``new``.
+        self.fingerprints: list[str] = []
+        for batch in batches:
+            keys: dict[str, _Stored] = {}
+            ids: dict[str, _Stored] = {}
+            new: list[tuple[Interaction, str]] = []
+            results: list[RecordResult] = []
+            try:
+                for position, it in enumerate(batch):
+                    fp = content_fingerprint(it)
+                    key = it.idempotency_key
+                    hit = (keys.get(key) or by_key.get(key)) if key else None
+                    field = "idempotency_key"
+                    if hit is None:
+                        hit = ids.get(it.interaction_id) or known.get(it.interaction_id)
+                        field = "interaction_id"
+                    if hit is not None:
+                        if not is_retry_of(hit.user_id, hit.fingerprint, it, fp):
+                            value = key if field == "idempotency_key" else it.interaction_id
+                            raise idempotency_conflict(field, value, position, len(batch))
+                        results.append(RecordResult(hit.interaction_id, duplicate=True))
+                        continue
+                    planned = _Stored(it.interaction_id, it.user_id, fp)
+                    if key:
+                        keys[key] = planned
+                    ids[it.interaction_id] = planned
+                    new.append((it, fp))
+                    results.append(RecordResult(it.interaction_id, duplicate=False))
+            except IdempotencyConflictError as exc:
+                # The whole call is refused: none of its rows are planned.
+                self.results.append(exc)
                 continue
-            if it.interaction_id in known:
-                self.results.append(RecordResult(it.interaction_id, duplicate=True))
-                continue
-            if key:
-                by_key[key] = it.interaction_id
-            known.add(it.interaction_id)
-            self.new.append(it)
-            self.results.append(RecordResult(it.interaction_id, duplicate=False))
+            by_key.update(keys)
+            known.update(ids)
+            self.new += [it for it, _ in new]
+            self.fingerprints += [fp for _, fp in new]
+            self.results.append(results)
 
     def users(self) -> list[dict[str, Any]]:
         writes = Counter(it.user_id for it in self.new)
@@ -662,7 +736,7 @@ class _Plan:
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
-        for it in self.new:
+        for it, fp in zip(self.new, self.fingerprints, strict=True):
             c = it.comparison
             ts = float(it.timestamp_s)
             rows.append(
@@ -683,6 +757,7 @@ class _Plan:
                         "tie": c.tie if c else None,
                         "ts": ts,
                         "query_key": it.query_key,
+                        "fingerprint": fp,
                     },
                     "turns": [
                         {
@@ -760,7 +835,8 @@ class Neo4jGraphStore(GraphStore):
     Errors: every failure is a :class:`StoreUnavailableError` (nothing of the call was
     written), except a connection lost while a write's commit was in flight:
     :class:`CommitOutcomeUnknownError` (the write may or may not be stored; retry with the
-    same idempotency key).
+    same idempotency key). ``record`` also raises
+    :class:`~graphstore.errors.IdempotencyConflictError` (see :meth:`GraphStore.record`).
     """
 
     def __init__(
@@ -916,7 +992,8 @@ class Neo4jGraphStore(GraphStore):
     # -- writes ------------------------------------------------------------------------------
 
     async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
-        """See :meth:`GraphStore.record`. Concurrent calls share one transaction."""
+        """See :meth:`GraphStore.record`. Concurrent calls share one transaction; a call
+        refused with :class:`IdempotencyConflictError` does not stop the others."""
         batch = list(interactions)
         for it in batch:
             check_interaction(it, self.embedding_dim)
@@ -953,7 +1030,8 @@ class Neo4jGraphStore(GraphStore):
             await self._flush(self._take_group())
 
     async def _flush(self, group: list[_Pending]) -> None:
-        """Write one group; each call's future gets its results or StoreUnavailableError."""
+        """Write one group; each call's future gets its results, its
+        IdempotencyConflictError, or StoreUnavailableError."""
         try:
             results = await self._write_group([batch for batch, _ in group])
         except Exception as exc:
@@ -968,8 +1046,7 @@ class Neo4jGraphStore(GraphStore):
                     fut.set_exception(err)
             return
         for (_, fut), res in zip(group, results, strict=True):
-            if not fut.done():
-                fut.set_result(res)
+            _settle(fut, res)
 
     def _as_unavailable(self, exc: Exception) -> StoreUnavailableError:
         if isinstance(exc, StoreUnavailableError):
@@ -995,11 +1072,11 @@ class Neo4jGraphStore(GraphStore):
                 if not fut.done():
                     fut.set_exception(self._as_unavailable(exc))
                 continue
-            if not fut.done():
-                fut.set_result(res)
+            _settle(fut, res)
 
-    async def _write_group(self, batches: list[list[Interaction]]) -> list[list[RecordResult]]:
-        """Write the batches in one transaction; results per batch. Raises StoreUnavailable.
+    async def _write_group(self, batches: list[list[Interaction]]) -> list[_CallResult]:
+        """Write the batches in one transaction; per batch, its results or the
+        IdempotencyConflictError that refused it (nothing of it written).
 
         A group without duplicates among its own ids and keys, whose sessions each get new
         turns of one ``turn_index``, is first written in one statement (:data:`_WRITE_APPENDS`,
@@ -1008,6 +1085,10 @@ class Neo4jGraphStore(GraphStore):
         constraint rejects it (a key or id is stored already: a retried record, or another
         replica's), it is written again with the duplicate check (:meth:`_write_tx`), which
         has its own :data:`_CONSTRAINT_ATTEMPTS`.
+
+        Raises:
+            StoreUnavailableError: nothing of the group was written (or, as
+                CommitOutcomeUnknownError, the connection dropped during the commit).
         """
         items = [it for batch in batches for it in batch]
         one_statement = self.unique_ids_enforced and _appends_only(items)
@@ -1015,10 +1096,10 @@ class Neo4jGraphStore(GraphStore):
         while True:
             try:
                 if one_statement:
-                    flat = await self._write_appends(items)
+                    results = await self._write_appends(batches)
                 else:
                     async with self._session() as session:
-                        flat = await session.execute_write(self._write_tx, items)
+                        results = await session.execute_write(self._write_tx, batches)
                 break
             except neo4j_errors.ConstraintError as exc:
                 if one_statement:
@@ -1033,18 +1114,14 @@ class Neo4jGraphStore(GraphStore):
             except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
                 raise self._unavailable(exc, "record") from exc
         self.write_transactions += 1
-        out: list[list[RecordResult]] = []
-        start = 0
-        for batch in batches:
-            out.append(flat[start : start + len(batch)])
-            start += len(batch)
-        return out
+        return results
 
     @staticmethod
     async def _write_tx(
-        tx: AsyncManagedTransaction, items: list[Interaction]
-    ) -> list[RecordResult]:
+        tx: AsyncManagedTransaction, batches: list[list[Interaction]]
+    ) -> list[_CallResult]:
         """Two statements in the common case: read the state, then write (module docstring)."""
+        items = [it for batch in batches for it in batch]
         keys = sorted({it.idempotency_key for it in items if it.idempotency_key})
         ids = sorted({it.interaction_id for it in items})
         sessions = sorted({(it.user_id, it.session_id) for it in items if it.session_id})
@@ -1058,8 +1135,9 @@ class Neo4jGraphStore(GraphStore):
                 },
             )
         ).single(strict=True)
-        by_key = {k: i for k, i in record["by_key"]}
-        plan = _Plan(items, by_key, set(record["known_ids"]))
+        by_key = {k: _Stored(i, u, f) for k, i, u, f in record["by_key"]}
+        known = {k: _Stored(i, u, f) for k, i, u, f in record["known_ids"]}
+        plan = _Plan(batches, by_key, known)
         if not plan.new:
             return plan.results
         rows = plan.rows()
@@ -1089,7 +1167,7 @@ class Neo4jGraphStore(GraphStore):
             )
         return plan.results
 
-    async def _write_appends(self, items: list[Interaction]) -> list[RecordResult]:
+    async def _write_appends(self, batches: list[list[Interaction]]) -> list[_CallResult]:
         """The group in one statement (:data:`_WRITE_APPENDS`, which also re-links the
         sessions that got a late turn), as one managed write transaction of the driver's
         ``execute_query``: BEGIN is sent with RUN and PULL, so the transaction takes two round
@@ -1103,7 +1181,7 @@ class Neo4jGraphStore(GraphStore):
         """
         if self._driver is None:
             raise StoreUnavailableError("the Neo4j store is not open")
-        plan = _Plan(items, {}, set())
+        plan = _Plan(batches, {}, {})  # no key or id twice: every interaction is new
         rows = plan.rows()
         sessions: dict[_SessionKey, dict[str, Any]] = {}
         for row in rows:

@@ -6,14 +6,17 @@ Durable with no server: every acknowledged write is committed in WAL mode with
 
 Tables (the graph of the seed, "Graph Structure"): ``users`` (user nodes with a per-user
 version), ``llms`` (LLM nodes), ``interactions`` (one query node per row, with the raw
-feedback), ``turns`` (one turn node and its response node per outcome: the turn's user,
-session, step, LLM and outcome), ``pair_counts`` (pairwise win counts kept in the same
-transaction, for the Bradley–Terry prior); ``published_models`` and ``leases`` hold the
-shared state of online learning (``graphstore/registry.py``).
+feedback and its :func:`~graphstore.interactions.content_fingerprint`), ``turns`` (one turn
+node and its response node per outcome: the turn's user, session, step, LLM and outcome),
+``pair_counts`` (pairwise win counts kept in the same transaction, for the Bradley–Terry
+prior); ``published_models`` and ``leases`` hold the shared state of online learning
+(``graphstore/registry.py``).
 
 All SQLite calls run on one dedicated thread, never on the event loop. Concurrent
 ``record`` calls are committed together (group commit): a call returns only after the
-transaction holding its rows has committed.
+transaction holding its rows has committed. Each call's rows are written under a savepoint
+of their own, so a call refused for an idempotency conflict leaves the others of its group
+to commit.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from graphstore.errors import StoreUnavailableError
+from graphstore.errors import IdempotencyConflictError, StoreUnavailableError
 from graphstore.interactions import (
     Interaction,
     PairCount,
@@ -36,6 +39,9 @@ from graphstore.interactions import (
     RecordResult,
     UserComparison,
     check_interaction,
+    content_fingerprint,
+    idempotency_conflict,
+    is_retry_of,
     pair_deltas,
 )
 from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood, check_sampling
@@ -67,7 +73,8 @@ CREATE TABLE IF NOT EXISTS interactions (
     loser_model TEXT,
     tie INTEGER,
     ts REAL NOT NULL,
-    query_key TEXT NOT NULL DEFAULT ''
+    query_key TEXT NOT NULL DEFAULT '',
+    fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS turns (
     turn_id TEXT PRIMARY KEY,
@@ -111,11 +118,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a file written by an older version up to the schema (idempotent).
 
     ``interactions.query_key`` (added with the per-query evidence) is added empty: rows
-    written before it never count as per-query evidence.
+    written before it never count as per-query evidence. ``interactions.fingerprint`` (added
+    with the idempotency-conflict check) is added NULL: a retry of a row written before it
+    is recognised by its user alone.
     """
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
     if "query_key" not in columns:
         conn.execute("ALTER TABLE interactions ADD COLUMN query_key TEXT NOT NULL DEFAULT ''")
+    if "fingerprint" not in columns:
+        conn.execute("ALTER TABLE interactions ADD COLUMN fingerprint TEXT")
     conn.execute(
         "CREATE INDEX IF NOT EXISTS interactions_by_query_key ON interactions(query_key, ts DESC)"
     )
@@ -198,7 +209,8 @@ class SQLiteGraphStore(GraphStore):
     # -- writes ------------------------------------------------------------------------------
 
     async def record(self, interactions: Sequence[Interaction]) -> list[RecordResult]:
-        """See :meth:`GraphStore.record`. Concurrent calls share one commit (group commit)."""
+        """See :meth:`GraphStore.record`. Concurrent calls share one commit (group commit);
+        a call refused with :class:`IdempotencyConflictError` does not stop the others."""
         batch = list(interactions)
         for it in batch:
             check_interaction(it, self.embedding_dim)
@@ -227,16 +239,24 @@ class SQLiteGraphStore(GraphStore):
                         fut.set_exception(err)
                 continue
             for (_, fut), res in zip(groups, results, strict=True):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(res, IdempotencyConflictError):
+                    fut.set_exception(res)
+                else:
                     fut.set_result(res)
 
     def _write_groups(
         self, groups: list[tuple[list[Interaction], asyncio.Future[list[RecordResult]]]]
-    ) -> list[list[RecordResult]]:
+    ) -> list[list[RecordResult] | IdempotencyConflictError]:
+        """Write every call of the group in one transaction: per call, its results, or the
+        conflict that refused it (with nothing of it written)."""
         conn = self._db()
+        out: list[list[RecordResult] | IdempotencyConflictError] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            out = [[self._write_one(conn, it) for it in batch] for batch, _ in groups]
+            for batch, _ in groups:
+                out.append(self._write_call(conn, batch))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -244,18 +264,55 @@ class SQLiteGraphStore(GraphStore):
             raise
         return out
 
-    def _write_one(self, conn: sqlite3.Connection, it: Interaction) -> RecordResult:
+    def _write_call(
+        self, conn: sqlite3.Connection, batch: list[Interaction]
+    ) -> list[RecordResult] | IdempotencyConflictError:
+        """One ``record`` call's rows, all or none (inside the group's transaction)."""
+        if len(batch) == 1:
+            # A conflict is found before anything is written: no savepoint needed.
+            try:
+                return [self._write_one(conn, batch[0], 0, 1)]
+            except IdempotencyConflictError as exc:
+                return exc
+        conn.execute("SAVEPOINT record_call")
+        try:
+            return [self._write_one(conn, it, i, len(batch)) for i, it in enumerate(batch)]
+        except IdempotencyConflictError as exc:
+            conn.execute("ROLLBACK TO record_call")
+            return exc
+        finally:
+            conn.execute("RELEASE record_call")
+
+    def _write_one(
+        self, conn: sqlite3.Connection, it: Interaction, position: int, size: int
+    ) -> RecordResult:
+        """Write one interaction, or find it stored (a retry).
+
+        Raises:
+            IdempotencyConflictError: its key (or else its id) is stored for a different
+                interaction (:func:`~graphstore.interactions.is_retry_of`); nothing written.
+        """
+        fp = content_fingerprint(it)
         if it.idempotency_key:
             row = conn.execute(
-                "SELECT interaction_id FROM interactions WHERE idempotency_key = ?",
+                "SELECT interaction_id, user_id, fingerprint FROM interactions "
+                "WHERE idempotency_key = ?",
                 (it.idempotency_key,),
             ).fetchone()
             if row is not None:
+                if not is_retry_of(row[1], row[2], it, fp):
+                    raise idempotency_conflict(
+                        "idempotency_key", it.idempotency_key, position, size
+                    )
                 return RecordResult(row[0], duplicate=True)
         row = conn.execute(
-            "SELECT interaction_id FROM interactions WHERE interaction_id = ?", (it.interaction_id,)
+            "SELECT interaction_id, user_id, fingerprint FROM interactions "
+            "WHERE interaction_id = ?",
+            (it.interaction_id,),
         ).fetchone()
         if row is not None:
+            if not is_retry_of(row[1], row[2], it, fp):
+                raise idempotency_conflict("interaction_id", it.interaction_id, position, size)
             return RecordResult(row[0], duplicate=True)
         conn.execute(
             "INSERT INTO users(user_id, version) VALUES (?, 1) "
@@ -267,7 +324,8 @@ class SQLiteGraphStore(GraphStore):
         conn.execute(
             "INSERT INTO interactions(interaction_id, idempotency_key, user_id, session_id, "
             "turn_index, query, query_embedding, model, response, rating, winner_model, "
-            "loser_model, tie, ts, query_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "loser_model, tie, ts, query_key, fingerprint) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 it.interaction_id,
                 it.idempotency_key or None,
@@ -284,6 +342,7 @@ class SQLiteGraphStore(GraphStore):
                 int(c.tie) if c else None,
                 it.timestamp_s,
                 it.query_key,
+                fp,
             ),
         )
         conn.executemany(

@@ -49,11 +49,19 @@ class GraphStore(abc.ABC):
         """Durably write interactions, idempotently on ``idempotency_key``.
 
         Returns once every interaction is durable (committed), one result per input in
-        order. An interaction whose ``idempotency_key`` (or ``interaction_id``) was stored
-        before is not written again and gets ``duplicate=True`` with the stored id.
+        order. A retry is not written again and gets ``duplicate=True`` with the stored id:
+        an interaction whose ``idempotency_key`` (or else ``interaction_id``) is stored
+        already, by the same ``user_id`` and with the same content
+        (:func:`~graphstore.interactions.content_fingerprint`: the timestamp, for one, may
+        differ); an interaction stored before fingerprints existed is compared by user only.
+        The same holds among the interactions of one call and of concurrent calls.
 
         Raises:
             InvalidInteractionError: a query embedding is not float32 ``[D]``.
+            IdempotencyConflictError: an interaction's ``idempotency_key`` (or else its
+                ``interaction_id``) is stored already for a different interaction (another
+                user's, or other content); nothing of the call was written. Concurrent
+                calls (committed together) are not affected.
             StoreUnavailableError: the database failed; nothing of the batch was written.
         """
 

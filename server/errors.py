@@ -6,6 +6,7 @@ import grpc
 
 from graphstore.errors import (
     CommitOutcomeUnknownError,
+    IdempotencyConflictError,
     InvalidInteractionError,
     StoreUnavailableError,
 )
@@ -35,6 +36,11 @@ class NotReadyError(RoutingError):
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidInteractionError, grpc.StatusCode.INVALID_ARGUMENT),
+    # An idempotency_key or interaction_id stored for a different interaction (another
+    # user's, or other content): the message starts with the field. Not ALREADY_EXISTS,
+    # which clients commonly take for "already done" on a create: that would lose the
+    # feedback silently (graphstore/errors.py says more).
+    (IdempotencyConflictError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (NotReadyError, grpc.StatusCode.UNAVAILABLE),
     # UNAVAILABLE is the RecordResponse contract: not written ("not written: …") or, when

@@ -10,6 +10,7 @@ with the previous turns the SQLite store gives for the same interactions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -217,13 +218,13 @@ async def test_one_statement_write_and_its_fallback(
     real_tx = neo4j_store.Neo4jGraphStore._write_tx
     real_appends = neo4j_store.Neo4jGraphStore._write_appends
 
-    def spy_tx(tx: Any, items: Any) -> Any:
+    def spy_tx(tx: Any, batches: Any) -> Any:
         calls.append("_write_tx")
-        return real_tx(tx, items)
+        return real_tx(tx, batches)
 
-    def spy_appends(self: Any, items: Any) -> Any:
+    def spy_appends(self: Any, batches: Any) -> Any:
         calls.append("_write_appends")
-        return real_appends(self, items)
+        return real_appends(self, batches)
 
     monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_tx", staticmethod(spy_tx))
     monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_appends", spy_appends)
@@ -231,12 +232,12 @@ async def test_one_statement_write_and_its_fallback(
     await s.open()
     try:
         assert s.unique_ids_enforced
-        first = [make(1, turn=0, comparison=Comparison("m-a", "m-b")), make(2, turn=1)]
+        first = [make(1, turn=0, comparison=Comparison("m-a", "m-b")), make(2, session="s3")]
         for it in first:
             await s.record([it])
         assert calls == ["_write_appends", "_write_appends"]
         calls.clear()
-        retried = make(9, session="s3", key="k0002")  # a retry of record 2 under another id
+        retried = dataclasses.replace(first[1], interaction_id="i0009")  # a retry of record 2
         res = await s.record([make(3, turn=2, model="m-b"), retried, make(4, session="s2")])
         assert calls == ["_write_appends", "_write_tx"]
         assert [(r.interaction_id, r.duplicate) for r in res] == [
@@ -270,7 +271,8 @@ async def test_without_a_unique_constraint_every_write_checks_duplicates(
     try:
         assert not s.unique_ids_enforced
         await s.record([make(1)])
-        [res] = await s.record([make(2, session="s2", key="k0001")])  # a retry of record 1
+        retried = dataclasses.replace(make(1), interaction_id="i0002")  # a retry of record 1
+        [res] = await s.record([retried])
         assert (res.interaction_id, res.duplicate) == ("i0001", True)
         assert (await s.counts())["interaction"] == 1
     finally:

@@ -51,7 +51,7 @@ def test_blob_is_the_same_bytes_with_a_short_repr() -> None:
 
 def test_a_group_commits_parameters_repr_without_the_embeddings() -> None:
     items = [_interaction(i) for i in range(32)]
-    rows = _Plan(items, {}, set()).rows()
+    rows = _Plan([items], {}, {}).rows()
     for row, it in zip(rows, items, strict=True):
         stored = row["query"]["embedding"]
         assert stored == it.query_embedding.astype("<f4").tobytes()
@@ -61,7 +61,7 @@ def test_a_group_commits_parameters_repr_without_the_embeddings() -> None:
 
 
 def test_parameters_pack_as_the_same_map_with_a_short_repr() -> None:
-    rows = _Plan([_interaction(i) for i in range(32)], {}, set()).rows()
+    rows = _Plan([[_interaction(i) for i in range(32)]], {}, {}).rows()
     plain = {"rows": rows, "users": [{"user_id": "u0", "writes": 32}]}
     params = _Parameters(plain)
     assert params == plain and isinstance(params, dict)

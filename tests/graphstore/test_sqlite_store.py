@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from graphstore.errors import IdempotencyConflictError
 from graphstore.interactions import Comparison, Interaction, PairCount, query_key
 from graphstore.sqlite_store import SQLiteGraphStore
 
@@ -75,7 +76,7 @@ async def test_writes_survive_close_and_reopen(tmp_path: Path) -> None:
     try:
         assert await snapshot(reopened, users) == before
         assert before["counts"]["interaction"] == 40
-        [dup] = await reopened.record([make(5)])
+        [dup] = await reopened.record([make(5, user="u2", session="s0", turn=5)])  # a retry
         assert dup.duplicate and dup.interaction_id == "i0005"
     finally:
         await reopened.close()
@@ -102,6 +103,34 @@ async def test_a_file_without_query_keys_is_migrated(tmp_path: Path) -> None:
         assert await reopened.query_pair_counts(query_key("query 1"), 10) == []
     finally:
         await reopened.close()
+
+
+async def test_a_file_without_fingerprints_is_migrated(tmp_path: Path) -> None:
+    """A database written before ``interactions.fingerprint`` existed opens with the column
+    added: its rows are retried by user alone, new rows get a fingerprint."""
+    path = tmp_path / "old.db"
+    store = SQLiteGraphStore(path, embedding_dim=DIM)
+    await store.open()
+    await store.record([make(1)])
+    await store.close()
+    with sqlite3.connect(path) as conn:  # back to the old schema
+        conn.execute("ALTER TABLE interactions DROP COLUMN fingerprint")
+    reopened = SQLiteGraphStore(path, embedding_dim=DIM)
+    await reopened.open()
+    try:
+        other = dataclasses.replace(make(1), response="other", interaction_id="i0009")
+        [res] = await reopened.record([other])  # old row: same user, content not compared
+        assert res.duplicate and res.interaction_id == "i0001"
+        with pytest.raises(IdempotencyConflictError):
+            await reopened.record([dataclasses.replace(make(1), user_id="u2")])
+        await reopened.record([make(2)])
+        with pytest.raises(IdempotencyConflictError):
+            await reopened.record([dataclasses.replace(make(2), response="other")])
+    finally:
+        await reopened.close()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT interaction_id, fingerprint FROM interactions ORDER BY 1")
+        assert [(i, fp is not None) for i, fp in rows] == [("i0001", False), ("i0002", True)]
 
 
 def test_acknowledged_writes_survive_a_killed_process(tmp_path: Path) -> None:
@@ -178,7 +207,7 @@ async def test_group_commit_under_concurrency(
         assert [await store.user_version(f"u{u}") for u in range(10)] == [20] * 10
         # A second wave while the first is still committing is grouped too.
         more = [store.record([make(i)]) for i in range(200, 300)]
-        dups = [store.record([make(i)]) for i in range(0, 50)]
+        dups = [store.record([make(i, user=f"u{i % 10}")]) for i in range(0, 50)]  # retries
         res = await asyncio.gather(*more, *dups)
         assert sum(r[0].duplicate for r in res) == 50
         assert (await store.counts())["interaction"] == 300

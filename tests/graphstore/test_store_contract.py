@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +20,17 @@ import numpy as np
 import pytest
 from neo4j import GraphDatabase
 
-from graphstore.errors import InvalidInteractionError, StoreUnavailableError
+from graphstore.errors import (
+    IdempotencyConflictError,
+    InvalidInteractionError,
+    StoreUnavailableError,
+)
 from graphstore.factory import Neo4jCredentials
 from graphstore.interactions import (
     Comparison,
     Interaction,
     PairCount,
+    RecordResult,
     UserComparison,
     query_key,
 )
@@ -159,22 +165,36 @@ async def test_record_counts_and_models(store: GraphStore) -> None:
     assert await store.list_models() == ["m-a", "m-b", "m-c", "m-d", "m-z"]
 
 
+def retry(it: Interaction, **changes: object) -> Interaction:
+    """A client retry of ``it``: the same content, with ``changes`` to what a retry may
+    change (a fresh server-made id, the server's clock, …)."""
+    return dataclasses.replace(it, **changes)  # type: ignore[arg-type]
+
+
 async def test_duplicate_idempotency_key_writes_nothing(store: GraphStore) -> None:
-    [first] = await store.record([make(1, comparison=Comparison("m-a", "m-b"))])
+    original = make(1, comparison=Comparison("m-a", "m-b"))
+    [first] = await store.record([original])
     assert not first.duplicate
     before = (await store.counts(), await store.user_version("u1"), await store.pair_counts())
-    # Same key, another interaction id (a client retry that got a fresh server id).
-    [again] = await store.record([make(2, key="k0001", comparison=Comparison("m-a", "m-b"))])
+    # Same key, another interaction id and timestamp (a retry without a timestamp of its
+    # own: the server's clock, and a fresh server id).
+    [again] = await store.record([retry(original, interaction_id="i0002", timestamp_s=99.0)])
     assert again.duplicate and again.interaction_id == "i0001"
     # Same interaction id, another key.
-    [same_id] = await store.record([make(3, iid="i0001", key="other")])
+    [same_id] = await store.record([retry(original, idempotency_key="other")])
     assert same_id.duplicate and same_id.interaction_id == "i0001"
+    # Same interaction id, no key.
+    [no_key] = await store.record([retry(original, idempotency_key="")])
+    assert no_key.duplicate and no_key.interaction_id == "i0001"
     after = (await store.counts(), await store.user_version("u1"), await store.pair_counts())
     assert after == before
 
 
 async def test_duplicates_inside_one_batch(store: GraphStore) -> None:
-    res = await store.record([make(1), make(2, key="k0001"), make(3, iid="i0001", key="x")])
+    one = make(1)
+    res = await store.record(
+        [one, retry(one, interaction_id="i0002"), retry(one, idempotency_key="x")]
+    )
     assert [(r.interaction_id, r.duplicate) for r in res] == [
         ("i0001", False),
         ("i0001", True),
@@ -336,10 +356,186 @@ async def test_concurrent_records_are_all_acknowledged_and_stored(store: GraphSt
 
 
 async def test_concurrent_duplicates_store_one(store: GraphStore) -> None:
-    calls = [store.record([make(100 + i, key="same-key")]) for i in range(20)]
+    original = make(100, key="same-key")
+    calls = [store.record([retry(original, interaction_id=f"i{100 + i:04d}")]) for i in range(20)]
     results = [r[0] for r in await asyncio.gather(*calls)]
     assert sum(not r.duplicate for r in results) == 1
     assert {r.interaction_id for r in results} == {"i0100"}
+    assert (await store.counts())["interaction"] == 1
+
+
+# -- idempotency conflicts: a stored key or id is a duplicate only for a faithful retry -------
+
+
+async def visible_state(store: GraphStore, users: list[str]) -> tuple[object, ...]:
+    """What a write could change: counts, pair counts, the users' versions and their turns."""
+    return (
+        await store.counts(),
+        await store.pair_counts(),
+        [await store.user_version(u) for u in users],
+        [(await store.neighbourhood(u, hops=4)).turn_ids for u in users],
+    )
+
+
+async def test_a_key_reused_by_another_user_is_refused_and_reveals_nothing(
+    store: GraphStore,
+) -> None:
+    alice = make(1, user="alice", comparison=Comparison("m-a", "m-b"), key="shared-key")
+    await store.record([alice])
+    before = await visible_state(store, ["alice", "bob"])
+    refused = [
+        # the very same content under alice's key and user name aside: still not bob's key
+        retry(alice, user_id="bob", interaction_id="i0002"),
+        make(3, user="bob", model="m-c", rating=1.0, key="shared-key"),
+    ]
+    for bob in refused:
+        with pytest.raises(IdempotencyConflictError) as err:
+            await store.record([bob])
+        msg = str(err.value)
+        assert err.value.field == "idempotency_key"
+        assert msg.startswith(
+            "idempotency_key: 'shared-key' was already used for a different interaction"
+        ), msg
+        assert "nothing of this request is stored" in msg.lower()
+        for secret in ("i0001", "alice", "m-a", "m-b", "query 1", "response 1"):
+            assert secret not in msg, (secret, msg)
+    assert await visible_state(store, ["alice", "bob"]) == before
+    assert (await store.neighbourhood("bob")).num_turns == 0
+
+
+async def test_an_interaction_id_reused_by_another_user_is_refused(store: GraphStore) -> None:
+    await store.record([make(1, user="alice")])
+    before = await visible_state(store, ["alice", "bob"])
+    with pytest.raises(IdempotencyConflictError) as err:
+        await store.record([make(2, user="bob", iid="i0001")])
+    msg = str(err.value)
+    assert err.value.field == "interaction_id"
+    assert msg.startswith("interaction_id: 'i0001' was already used for a different interaction")
+    assert "alice" not in msg and "k0001" not in msg
+    assert await visible_state(store, ["alice", "bob"]) == before
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_a_key_or_id_reused_with_other_content_is_refused(store: GraphStore) -> None:
+    """Each field of the content counts; the timestamp, a fresh id, the key (on an id hit)
+    and the embedding of a query with text do not; a text counts by its SHA-256."""
+    compared = make(1, comparison=Comparison("m-a", "m-b"))
+    rated = make(2, session="s2", rating=0.75)
+    textless = dataclasses.replace(make(3, session="s3"), query="")
+    await store.record([compared, rated, textless])
+    before = await visible_state(store, ["u1"])
+    other_content: list[tuple[str, Interaction, dict[str, object]]] = [
+        ("verdict reversed", compared, {"comparison": Comparison("m-b", "m-a")}),
+        ("a tie", compared, {"comparison": Comparison("m-a", "m-b", tie=True)}),
+        ("a rating instead", compared, {"comparison": None, "rating": 1.0}),
+        ("no feedback", compared, {"comparison": None}),
+        ("another query", compared, {"query": "query 1, reworded"}),
+        ("another response", compared, {"response": "another response"}),
+        ("another model", compared, {"model": "m-z"}),
+        ("another session", compared, {"session_id": "s9"}),
+        ("another turn", compared, {"turn_index": 7}),
+        ("another rating", rated, {"rating": 0.5}),
+        ("a comparison instead", rated, {"rating": None, "comparison": Comparison("m-a", "m-b")}),
+        ("another embedding, no text", textless, {"query_embedding": make(9).query_embedding}),
+    ]
+    for what, original, changes in other_content:
+        with pytest.raises(IdempotencyConflictError, match=r"^idempotency_key: 'k000\d' was"):
+            await store.record([retry(original, interaction_id="i0099", **changes)])
+        with pytest.raises(IdempotencyConflictError, match=r"^interaction_id: 'i000\d' was"):
+            await store.record([retry(original, idempotency_key="", **changes)])
+        assert await visible_state(store, ["u1"]) == before, what
+    retries = [
+        retry(compared, interaction_id="i0097", timestamp_s=1e9),
+        retry(compared, idempotency_key="", timestamp_s=2e9),
+        retry(compared, interaction_id="i0098", query=_digest("query 1")),  # stored hashed
+        retry(compared, interaction_id="i0098", response=_digest("response 1")),
+        retry(compared, interaction_id="i0098", query_embedding=make(9).query_embedding),
+        retry(rated, interaction_id="i0098", timestamp_s=0.5),
+        retry(textless, interaction_id="i0098"),
+    ]
+    for again in retries:
+        [res] = await store.record([again])
+        assert res.duplicate, again
+    assert await visible_state(store, ["u1"]) == before
+
+
+async def test_a_conflict_refuses_only_its_own_call_of_a_group_commit(store: GraphStore) -> None:
+    """Concurrent calls share a transaction: a refused call writes nothing and the others are
+    written (on Neo4j, after the one-statement write of the group fails on the constraint)."""
+    await store.record([make(1, user="alice")])
+    results = await asyncio.gather(
+        store.record([make(2, user="bob", session="b")]),
+        store.record([make(3, user="bob", session="c", key="k0001")]),  # alice's key
+        store.record([make(4, user="carol")]),
+        # the second interaction of this call takes alice's id: the first is not written
+        store.record(
+            [make(5, user="bob", session="d"), make(6, user="bob", session="e", iid="i0001")]
+        ),
+        store.record([make(7, user="dave")]),
+        return_exceptions=True,
+    )
+    assert results[0] == [RecordResult("i0002", duplicate=False)]
+    assert isinstance(results[1], IdempotencyConflictError), results[1]
+    assert results[1].field == "idempotency_key"
+    assert results[2] == [RecordResult("i0004", duplicate=False)]
+    assert isinstance(results[3], IdempotencyConflictError), results[3]
+    assert results[3].field == "interaction_id"
+    assert "(interaction 2 of 2 in this call)" in str(results[3])
+    assert results[4] == [RecordResult("i0007", duplicate=False)]
+    assert (await store.counts())["interaction"] == 4
+    versions = [await store.user_version(u) for u in ("alice", "bob", "carol", "dave")]
+    assert versions == [1, 1, 1, 1]
+    assert (await store.neighbourhood("bob")).query_ids == ["i0002"]
+    if isinstance(store, Neo4jGraphStore):
+        assert store.one_statement_fallbacks == 1
+        assert store.write_transactions == 2  # alice's, then the group's (one transaction)
+
+
+async def test_a_new_key_twice_in_one_group_is_written_once_then_refused(
+    store: GraphStore,
+) -> None:
+    first = make(1, user="dave", key="twice")
+    results = await asyncio.gather(
+        store.record([first]),
+        store.record([make(2, user="dave", key="twice")]),  # other content
+        store.record([retry(first, interaction_id="i0003")]),  # a retry of the first
+        return_exceptions=True,
+    )
+    assert results[0] == [RecordResult("i0001", duplicate=False)]
+    assert isinstance(results[1], IdempotencyConflictError), results[1]
+    assert results[2] == [RecordResult("i0001", duplicate=True)]
+    assert (await store.counts())["interaction"] == 1
+
+
+async def forget_fingerprints(store: GraphStore) -> None:
+    """Make the stored interactions look as if written before fingerprints existed."""
+    if isinstance(store, SQLiteGraphStore):
+        db = store._db()
+        await store._run(lambda: db.execute("UPDATE interactions SET fingerprint = NULL"))
+    else:
+        assert isinstance(store, Neo4jGraphStore) and store._driver is not None
+        await store._driver.execute_query(
+            "MATCH (q:Query) REMOVE q.fingerprint", database_=store.database
+        )
+
+
+async def test_an_interaction_stored_without_a_fingerprint_is_retried_by_its_user(
+    store: GraphStore,
+) -> None:
+    original = make(1, user="alice", comparison=Comparison("m-a", "m-b"))
+    await store.record([original])
+    await forget_fingerprints(store)
+    [res] = await store.record(
+        [retry(original, interaction_id="i0002", comparison=Comparison("m-b", "m-a"))]
+    )
+    assert res == RecordResult("i0001", duplicate=True)  # its content cannot be compared
+    with pytest.raises(IdempotencyConflictError):
+        await store.record([retry(original, user_id="bob", interaction_id="i0003")])
+    with pytest.raises(IdempotencyConflictError):
+        await store.record([retry(original, user_id="bob", idempotency_key="")])
     assert (await store.counts())["interaction"] == 1
 
 
