@@ -10,12 +10,17 @@ class StoreUnavailableError(GraphStoreError):
 
 
 class CommitOutcomeUnknownError(StoreUnavailableError):
-    """The connection dropped while a write's commit was in flight.
+    """A write's commit was sent, but whether it was applied is unknown.
 
     The write may or may not be stored. Retrying it with the same idempotency key (or the
     same interaction id) is safe: a stored write is then reported as a duplicate, a lost one
-    is written. Raised by :meth:`GraphStore.record` of the Neo4j store for every call whose
-    rows were in the transaction (``neo4j.exceptions.IncompleteCommit``).
+    is written; ``delete_user``, ``publish_model`` and ``acquire_lease`` may simply be called
+    again. Raised by the Neo4j store for every call whose rows were in the transaction when
+    the connection dropped while the commit was in flight
+    (``neo4j.exceptions.IncompleteCommit``), and when any attempt of a managed transaction
+    got as far as sending its commit and the write then failed anyway (the server answered
+    that commit with an error, possibly after applying it, and the driver's retries failed
+    too, e.g. could not connect: the final error says nothing of the earlier commit).
     """
 
 

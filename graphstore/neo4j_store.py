@@ -73,6 +73,13 @@ whole in the same transaction. A concurrent writer (another replica) racing on t
 or key hits a uniqueness constraint; the transaction rolls back and is run again, where the
 duplicate check now sees the other writer's row.
 
+Commit outcome: every write transaction notes whether any of the driver's attempts got as
+far as sending COMMIT (its transaction function, or ``execute_query``'s result transformer,
+returned). A write that then fails anyway (say, the server answered that COMMIT with a
+transient error while shutting down, possibly after applying it, and the retries could not
+connect) raises :class:`~graphstore.errors.CommitOutcomeUnknownError`, never the "nothing was
+written" :class:`~graphstore.errors.StoreUnavailableError`.
+
 Reads: :meth:`~Neo4jGraphStore.neighbourhood` runs every hop in one read transaction and
 feeds :func:`graphstore.neighbourhood.assemble_neighbourhood`, as the SQLite store does, so
 both stores give the same subgraph for the same interactions.
@@ -83,8 +90,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import numpy as np
 from neo4j import (
@@ -622,6 +629,59 @@ def _appends_only(items: list[Interaction]) -> bool:
     return True
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+class _CommitWatch:
+    """Whether any attempt of one managed write transaction got as far as COMMIT.
+
+    The driver commits a managed transaction right after its transaction function returns
+    (``execute_write``), and ``execute_query`` right after its result transformer returns
+    (the transformer runs inside the transaction function). Wrapped by :meth:`work` or
+    :meth:`transformer`, they set :attr:`reached` just before the driver sends COMMIT. An
+    attempt whose COMMIT is answered with a retryable error (a server shutting down may have
+    applied it first) is retried by the driver; when the retries fail too, the final error
+    tells only of the last attempt, and :attr:`reached` is what says the write may be stored.
+    """
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def work(
+        self, fn: Callable[Concatenate[AsyncManagedTransaction, _P], Awaitable[_R]]
+    ) -> Callable[Concatenate[AsyncManagedTransaction, _P], Awaitable[_R]]:
+        """``fn`` as a transaction function that notes its return."""
+
+        async def run(tx: AsyncManagedTransaction, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            out = await fn(tx, *args, **kwargs)
+            self.reached = True
+            return out
+
+        return run
+
+    def transformer(
+        self, fn: Callable[[AsyncResult], Awaitable[_R]]
+    ) -> Callable[[AsyncResult], Awaitable[_R]]:
+        """``fn`` as an ``execute_query`` result transformer that notes its return."""
+
+        async def run(result: AsyncResult) -> _R:
+            out = await fn(result)
+            self.reached = True
+            return out
+
+        return run
+
+
+#: What to tell the caller of a write whose commit outcome is unknown, by operation.
+_RETRY_HINTS = {
+    "record": "retry with the same idempotency key (or interaction id)",
+    "delete_user": "delete_user is idempotent: call it again",
+    "publish_model": "publishing the same version again is idempotent",
+    "acquire_lease": "call it again",
+}
+
+
 async def _single_record(result: AsyncResult) -> Record:
     """``execute_query`` result transformer: the one record of a statement that returns one.
 
@@ -833,9 +893,10 @@ class Neo4jGraphStore(GraphStore):
             :class:`StoreUnavailableError` instead of waiting (the driver's default is 60 s).
 
     Errors: every failure is a :class:`StoreUnavailableError` (nothing of the call was
-    written), except a connection lost while a write's commit was in flight:
-    :class:`CommitOutcomeUnknownError` (the write may or may not be stored; retry with the
-    same idempotency key). ``record`` also raises
+    written), except a write whose commit was sent but not confirmed (the connection dropped
+    while it was in flight, or an attempt's COMMIT got an error and the driver's retries
+    failed too): :class:`CommitOutcomeUnknownError` (the write may or may not be stored;
+    retry with the same idempotency key). ``record`` also raises
     :class:`~graphstore.errors.IdempotencyConflictError` (see :meth:`GraphStore.record`).
     """
 
@@ -964,19 +1025,35 @@ class Neo4jGraphStore(GraphStore):
             raise StoreUnavailableError("the Neo4j store is not open")
         return self._driver.session(database=self.database, bookmark_manager=self._bookmarks)
 
-    def _unavailable(self, exc: BaseException, what: str) -> StoreUnavailableError:
+    def _unavailable(
+        self, exc: BaseException, what: str, *, committing: bool = False
+    ) -> StoreUnavailableError:
+        """The store error for a driver error ``exc`` of operation ``what``.
+
+        Args:
+            committing: Whether an attempt of the failed write got as far as sending COMMIT
+                (:class:`_CommitWatch`): the error is then :class:`CommitOutcomeUnknownError`,
+                whatever the final error was.
+        """
         where = f"Neo4j at {self.uri} (database {self.database!r})"
+        hint = _RETRY_HINTS.get(what, "retry")
+        # IncompleteCommit is a ServiceUnavailable: it must be told apart first.
+        if isinstance(exc, neo4j_errors.IncompleteCommit):
+            return CommitOutcomeUnknownError(
+                f"{where}: the connection dropped while committing ({what}); the write may or "
+                f"may not be stored, {hint}"
+            )
+        if committing:
+            return CommitOutcomeUnknownError(
+                f"{where}: a commit of {what} was sent and not confirmed, then the write "
+                f"failed ({type(exc).__name__}: {exc}); the write may or may not be stored, "
+                f"{hint}"
+            )
         if isinstance(exc, neo4j_errors.AuthError):
             return StoreUnavailableError(
                 f"{where} refused the credentials of user {self.credentials.user!r} "
                 f"during {what}; check NEO4J_USER / NEO4J_PASSWORD "
                 f"({type(exc).__name__}: {getattr(exc, 'code', None) or 'auth failed'})"
-            )
-        # IncompleteCommit is a ServiceUnavailable: it must be told apart first.
-        if isinstance(exc, neo4j_errors.IncompleteCommit):
-            return CommitOutcomeUnknownError(
-                f"{where}: the connection dropped while committing ({what}); the write may or "
-                f"may not be stored, retry with the same idempotency key"
             )
         if isinstance(
             exc,
@@ -1039,7 +1116,7 @@ class Neo4jGraphStore(GraphStore):
             if len(group) > 1 and self._is_batch_error(err):
                 # Not a connectivity problem: one call's rows may be at fault. Write the
                 # calls one by one so that the others still go through.
-                await self._write_each(group)
+                await self._write_each(group, isinstance(err, CommitOutcomeUnknownError))
                 return
             for _, fut in group:
                 if not fut.done():
@@ -1064,13 +1141,29 @@ class Neo4jGraphStore(GraphStore):
             )
         return cause is not None  # an unexpected error raised by our own code
 
-    async def _write_each(self, group: list[_Pending]) -> None:
+    async def _write_each(self, group: list[_Pending], group_committing: bool) -> None:
+        """Write the calls of a failed group one by one.
+
+        Args:
+            group_committing: The group's own write may have been committed (it failed with
+                :class:`CommitOutcomeUnknownError`): a call that now fails is then reported
+                as of unknown outcome too, never as not written.
+        """
         for batch, fut in group:
             try:
                 [res] = await self._write_group([batch])
             except Exception as exc:
+                err = self._as_unavailable(exc)
+                if group_committing and not isinstance(err, CommitOutcomeUnknownError):
+                    unknown = CommitOutcomeUnknownError(
+                        f"{err}; but an earlier transaction holding this call sent its "
+                        f"commit: the write may or may not be stored, retry with the same "
+                        f"idempotency key (or interaction id)"
+                    )
+                    unknown.__cause__ = err.__cause__ or err
+                    err = unknown
                 if not fut.done():
-                    fut.set_exception(self._as_unavailable(exc))
+                    fut.set_exception(err)
                 continue
             _settle(fut, res)
 
@@ -1087,19 +1180,23 @@ class Neo4jGraphStore(GraphStore):
         has its own :data:`_CONSTRAINT_ATTEMPTS`.
 
         Raises:
-            StoreUnavailableError: nothing of the group was written (or, as
-                CommitOutcomeUnknownError, the connection dropped during the commit).
+            StoreUnavailableError: nothing of the group was written.
+            CommitOutcomeUnknownError: an attempt sent its COMMIT (:class:`_CommitWatch`)
+                and the write failed nonetheless: the group may or may not be stored.
         """
         items = [it for batch in batches for it in batch]
         one_statement = self.unique_ids_enforced and _appends_only(items)
+        # One watch for every transaction of the group: a one-statement attempt may have
+        # been committed before the fallback runs.
+        watch = _CommitWatch()
         attempt = 0
         while True:
             try:
                 if one_statement:
-                    results = await self._write_appends(batches)
+                    results = await self._write_appends(batches, watch)
                 else:
                     async with self._session() as session:
-                        results = await session.execute_write(self._write_tx, batches)
+                        results = await session.execute_write(watch.work(self._write_tx), batches)
                 break
             except neo4j_errors.ConstraintError as exc:
                 if one_statement:
@@ -1109,10 +1206,14 @@ class Neo4jGraphStore(GraphStore):
                     continue
                 attempt += 1
                 if attempt == _CONSTRAINT_ATTEMPTS:
-                    raise self._unavailable(exc, "record") from exc
+                    raise self._unavailable(exc, "record", committing=watch.reached) from exc
                 log.info("write group lost a uniqueness race (attempt %d); retrying", attempt)
             except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
-                raise self._unavailable(exc, "record") from exc
+                raise self._unavailable(exc, "record", committing=watch.reached) from exc
+            except Exception as exc:
+                if watch.reached:
+                    raise self._unavailable(exc, "record", committing=True) from exc
+                raise
         self.write_transactions += 1
         return results
 
@@ -1167,11 +1268,14 @@ class Neo4jGraphStore(GraphStore):
             )
         return plan.results
 
-    async def _write_appends(self, batches: list[list[Interaction]]) -> list[_CallResult]:
+    async def _write_appends(
+        self, batches: list[list[Interaction]], watch: _CommitWatch
+    ) -> list[_CallResult]:
         """The group in one statement (:data:`_WRITE_APPENDS`, which also re-links the
         sessions that got a late turn), as one managed write transaction of the driver's
         ``execute_query``: BEGIN is sent with RUN and PULL, so the transaction takes two round
-        trips instead of three. Only for groups that :func:`_appends_only` accepts.
+        trips instead of three. Only for groups that :func:`_appends_only` accepts. ``watch``
+        notes when an attempt reaches COMMIT.
 
         Raises:
             StoreUnavailableError: the store is not open.
@@ -1225,7 +1329,7 @@ class Neo4jGraphStore(GraphStore):
             routing_=RoutingControl.WRITE,
             database_=self.database,
             bookmark_manager_=self._bookmarks,
-            result_transformer_=_single_record,
+            result_transformer_=watch.transformer(_single_record),
         )
         self.relinked_sessions += int(written["relinked"])
         return plan.results
@@ -1271,11 +1375,12 @@ class Neo4jGraphStore(GraphStore):
             rec = await (await tx.run(_DELETE_USER, user_id=user_id)).single(strict=True)
             return int(rec["deleted"])
 
+        watch = _CommitWatch()
         try:
             async with self._session() as session:
-                deleted: int = await session.execute_write(work)
+                deleted: int = await session.execute_write(watch.work(work))
         except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
-            raise self._unavailable(exc, "delete_user") from exc
+            raise self._unavailable(exc, "delete_user", committing=watch.reached) from exc
         self.write_transactions += 1
         return deleted
 
@@ -1414,11 +1519,12 @@ class Neo4jGraphStore(GraphStore):
     # -- online learning ---------------------------------------------------------------------
 
     async def _write(self, work: Any, what: str) -> Any:
+        watch = _CommitWatch()
         try:
             async with self._session() as session:
-                return await session.execute_write(work)
+                return await session.execute_write(watch.work(work))
         except (neo4j_errors.Neo4jError, neo4j_errors.DriverError) as exc:
-            raise self._unavailable(exc, what) from exc
+            raise self._unavailable(exc, what, committing=watch.reached) from exc
 
     async def recent_comparisons(self, limit: int) -> list[RecordedComparison]:
         """See :meth:`GraphStore.recent_comparisons` (the ``Query.ts`` index orders them)."""

@@ -30,7 +30,10 @@ class GraphStore(abc.ABC):
     """Durable store of user–query–response–LLM–turn interactions.
 
     Errors: every method raises :class:`graphstore.errors.StoreUnavailableError` when the
-    backing database cannot be reached; nothing is partially written in that case.
+    backing database cannot be reached; nothing is partially written in that case. A write
+    whose commit was sent but not confirmed raises its subclass
+    :class:`graphstore.errors.CommitOutcomeUnknownError` instead (the Neo4j store): it may or
+    may not be stored, and repeating it is safe.
     """
 
     #: Query-embedding dimension ``D`` this store was opened with.
@@ -62,6 +65,8 @@ class GraphStore(abc.ABC):
                 ``interaction_id``) is stored already for a different interaction (another
                 user's, or other content); nothing of the call was written. Concurrent
                 calls (committed together) are not affected.
+            CommitOutcomeUnknownError: the commit was sent but not confirmed; the batch may
+                or may not be stored (retrying it is safe).
             StoreUnavailableError: the database failed; nothing of the batch was written.
         """
 
@@ -158,6 +163,8 @@ class GraphStore(abc.ABC):
             The number of interactions deleted (0 for an unknown user).
 
         Raises:
+            CommitOutcomeUnknownError: the commit was sent but not confirmed; the user may or
+                may not be deleted (calling it again is safe).
             StoreUnavailableError: the database failed; nothing was deleted.
         """
 
@@ -185,6 +192,8 @@ class GraphStore(abc.ABC):
             The stored metadata (with its ``seq``).
 
         Raises:
+            CommitOutcomeUnknownError: the commit was sent but not confirmed (publishing the
+                same version again is safe).
             StoreUnavailableError: the database failed; nothing was written.
         """
 
@@ -216,5 +225,7 @@ class GraphStore(abc.ABC):
 
         Raises:
             ValueError: ``ttl_s`` <= 0.
+            CommitOutcomeUnknownError: the commit was sent but not confirmed: the lease may
+                or may not be ``holder``'s (a later call tells).
             StoreUnavailableError: the database failed.
         """

@@ -222,9 +222,9 @@ async def test_one_statement_write_and_its_fallback(
         calls.append("_write_tx")
         return real_tx(tx, batches)
 
-    def spy_appends(self: Any, batches: Any) -> Any:
+    def spy_appends(self: Any, batches: Any, watch: Any) -> Any:
         calls.append("_write_appends")
-        return real_appends(self, batches)
+        return real_appends(self, batches, watch)
 
     monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_tx", staticmethod(spy_tx))
     monkeypatch.setattr(neo4j_store.Neo4jGraphStore, "_write_appends", spy_appends)
