@@ -81,6 +81,9 @@ async def import_records(
     Raises:
         graphstore.errors.StoreUnavailableError: the store failed (batches already
             acknowledged stay written; re-running the import completes the rest).
+        graphstore.errors.IdempotencyConflictError: the store holds another interaction
+            under a record's key (the data set's records changed since they were imported,
+            or another writer used the key); the batches before it stay written.
     """
     index = {id(r): i for i, r in enumerate(records)}
     order = replay_order(records, seed)

@@ -44,6 +44,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from gmtrouter.v1 import router_pb2 as pb
+from graphstore.errors import IdempotencyConflictError
 from graphstore.interactions import (
     Interaction,
     PairCount,
@@ -117,7 +118,8 @@ class Metrics:
         )
         self.store_errors = Counter(
             "gmtrouter_store_errors",
-            "Graph-store calls that raised (e.g. StoreUnavailableError), by operation.",
+            "Graph-store calls that raised (e.g. StoreUnavailableError; not a client's reused "
+            "idempotency key), by operation.",
             ["operation"],
             registry=r,
         )
@@ -253,6 +255,8 @@ class InstrumentedStore(GraphStore):
         start = time.perf_counter()
         try:
             return await coro
+        except IdempotencyConflictError:
+            raise  # the client's error (INVALID_ARGUMENT), not the store's
         except Exception:
             self.metrics.labelled(self.metrics.store_errors, operation).inc()
             raise

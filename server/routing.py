@@ -287,6 +287,10 @@ class RoutingService:
                 ``interaction_id``, ``session_id``, ``idempotency_key`` or model name longer
                 than ``limits.max_id_chars`` or with control characters; a ``timestamp``
                 before 1970 or more than :data:`MAX_TIMESTAMP_AHEAD_S` ahead of the clock.
+            graphstore.errors.IdempotencyConflictError: the ``idempotency_key`` or
+                ``interaction_id`` is stored already for a different interaction (another
+                user's, or other content: only a retry of the same request is a duplicate);
+                nothing was written (gRPC ``INVALID_ARGUMENT``).
             CommitOutcomeUnknownError: the store connection dropped while the commit was in
                 flight; the message starts with :data:`RECORD_OUTCOME_UNKNOWN`. Retrying
                 with the same idempotency key stores it exactly once.

@@ -169,6 +169,34 @@ async def test_store_errors_are_counted() -> None:
     assert value(m, "gmtrouter_select_degraded_total", reason="unavailable") == 1
 
 
+async def test_a_reused_idempotency_key_is_no_store_error() -> None:
+    """A client's reused key is INVALID_ARGUMENT, not counted against the store."""
+    async with (
+        running() as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for user in ("alice", "bob"):
+            req = pb.RecordResponseRequest(
+                user_id=user, query_embedding=emb(3), model="m-a", idempotency_key="shared-key"
+            )
+            if user == "alice":
+                await stub.RecordResponse(req, timeout=10)
+                continue
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.RecordResponse(req, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert str(err.value.details()).startswith("idempotency_key:")
+        m = parse(generate_latest(app.metrics.registry).decode())
+    assert value(m, "gmtrouter_store_errors_total", operation="record") == 0
+    assert value(m, "gmtrouter_store_operation_seconds_count", operation="record") == 2
+    assert value(m, "gmtrouter_rpc_requests_total", method="RecordResponse", code="OK") == 1
+    assert (
+        value(m, "gmtrouter_rpc_requests_total", method="RecordResponse", code="INVALID_ARGUMENT")
+        == 1
+    )
+
+
 async def test_metrics_port_clash_does_not_stop_serving() -> None:
     async with running({"metrics_port": free_port()}) as first:
         assert first.metrics_port
