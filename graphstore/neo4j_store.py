@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
@@ -571,6 +572,10 @@ MAX_GROUP_INTERACTIONS = 2000
 #: had grouped two users with equal versions into one row; the test now groups by user.)
 MAX_CONCURRENT_WRITES = 1
 
+#: Attempts of one schema statement at open() when it fails transiently (replicas creating
+#: the schema of a fresh database at once deadlock in Neo4j).
+_SCHEMA_ATTEMPTS = 8
+
 #: Attempts of one write group when a concurrent writer wins a uniqueness race.
 _CONSTRAINT_ATTEMPTS = 3
 
@@ -1005,12 +1010,28 @@ class Neo4jGraphStore(GraphStore):
 
     @staticmethod
     async def _create_schema(session: AsyncSession, statement: str) -> None:
-        try:
-            await (await session.run(statement)).consume()
-        except neo4j_errors.ClientError as exc:
-            # Two replicas opening at once: the other one created it first.
-            if "AlreadyExists" not in (exc.code or ""):
-                raise
+        """Run one idempotent schema statement; tolerate replicas opening at once.
+
+        Raises:
+            neo4j.exceptions.Neo4jError: an error other than "already exists", or a transient
+                one (a deadlock between replicas creating the schema) past
+                :data:`_SCHEMA_ATTEMPTS` attempts.
+        """
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                await (await session.run(statement)).consume()
+                return
+            except neo4j_errors.ClientError as exc:
+                # Two replicas opening at once: the other one created it first.
+                if "AlreadyExists" not in (exc.code or ""):
+                    raise
+                return
+            except neo4j_errors.TransientError:
+                # e.g. Neo.TransientError.Transaction.DeadlockDetected: two replicas creating
+                # constraints on one fresh database at once. The statement is idempotent.
+                if attempt == _SCHEMA_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt * (1 + random.random()))
 
     async def close(self) -> None:
         """Commit whatever is pending, then close the driver. Safe to call twice."""
