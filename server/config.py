@@ -303,6 +303,13 @@ class LimitSettings(_Section):
         description="session_id, interaction_id, idempotency_key and model names.",
     )
     max_history_messages: int = Field(256, ge=0)
+    max_stream_users: int = Field(
+        1000,
+        ge=1,
+        le=100000,
+        description="StreamPreferences: user ids of one stream (each is polled every "
+        "streaming.poll_interval_s).",
+    )
 
 
 class StreamingSettings(_Section):

@@ -464,10 +464,18 @@ class RoutingService:
         The generator runs until the consumer stops iterating.
 
         Raises:
-            InvalidRequestError: no user ids, an invalid user id, or invalid candidates.
+            InvalidRequestError: no user ids, more than ``limits.max_stream_users``, an
+                invalid user id, or invalid candidates.
         """
         if not user_ids:
             raise InvalidRequestError("user_ids", "at least one user id is required")
+        limit = self.settings.limits.max_stream_users
+        if len(user_ids) > limit:
+            raise InvalidRequestError(
+                "user_ids",
+                f"has {len(user_ids)} entries; the limit is {limit} per stream (open several "
+                f"streams, or raise limits.max_stream_users)",
+            )
         for i, u in enumerate(user_ids):
             self._check_user(u, f"user_ids[{i}]")
         self._check_candidates(candidates, "candidate_models")

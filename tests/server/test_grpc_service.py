@@ -344,6 +344,15 @@ def test_stream_preferences_invalid_argument(stub: router_pb2_grpc.RouterService
         list(stub.StreamPreferences(pb.StreamPreferencesRequest(user_ids=["u"]), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert str(err.value.details()).startswith("candidate_models:")
+    many = [f"u{i}" for i in range(1001)]  # limits.max_stream_users: 1000
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            stub.StreamPreferences(
+                pb.StreamPreferencesRequest(user_ids=many, candidate_models=cands("a")), timeout=10
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(err.value.details()).startswith("user_ids: has 1001 entries")
 
 
 def test_embedded_store_survives_restart(tmp_path: Path) -> None:
