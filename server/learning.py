@@ -43,6 +43,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -68,12 +69,28 @@ _worker_stop: multiprocessing.synchronize.Event | None = None
 
 
 def _init_worker(stop: multiprocessing.synchronize.Event) -> None:
-    """Initialiser of the fine-tuning worker process."""
+    """Initialiser of the fine-tuning worker process.
+
+    Starts a watchdog thread that ends the worker when its parent (the server) is gone: a
+    server killed with SIGKILL cannot shut its pool down, and the worker (≈ 850 MB) would
+    otherwise stay, blocked on its pipe to the dead parent, for good.
+    """
     import torch
 
     global _worker_stop
     _worker_stop = stop
     torch.set_num_threads(1)
+    parent = os.getppid()
+    threading.Thread(
+        target=_exit_with_parent, args=(parent,), name="parent-watchdog", daemon=True
+    ).start()
+
+
+def _exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """Exit this process (status 1) once its parent is no longer ``parent_pid``."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +322,22 @@ class OnlineLearner:
                 self.metrics.fine_tune_rounds.labels("failed").inc()
                 log.exception("fine-tuning round failed")
 
+    async def _hold_lease(self) -> None:
+        """Renew the trainer lease every ``lease_ttl_s / 3`` while a round runs (role auto);
+        returns when it is lost (the round is then not published: see :meth:`train_once`)."""
+        while True:
+            await asyncio.sleep(self.cfg.lease_ttl_s / 3)
+            try:
+                held = await self.store.acquire_lease(
+                    LEASE_NAME, self.replica_id, self.cfg.lease_ttl_s
+                )
+            except StoreUnavailableError as exc:
+                log.warning("trainer lease not renewed during the round", error=str(exc))
+                continue
+            if not held:
+                log.warning("trainer lease lost during the round", replica=self.replica_id)
+                return
+
     async def _baseline_interactions(self) -> int:
         if self._trained_at is None:
             latest = await self.store.latest_model()
@@ -368,6 +401,13 @@ class OnlineLearner:
             return checkpoint_bytes(base, served.network), prep
 
         loop = asyncio.get_running_loop()
+        # The round takes longer than its training budget (the worker's start, the data, the
+        # held-back evaluation): keep the lease alive meanwhile, or another replica takes it.
+        holding = (
+            asyncio.create_task(self._hold_lease(), name="learning-lease")
+            if self.cfg.role == "auto"
+            else None
+        )
         try:
             weights, prep = await asyncio.to_thread(prepare)
             result = await loop.run_in_executor(
@@ -389,6 +429,9 @@ class OnlineLearner:
                 "failed", f"{type(exc).__name__}: {exc}", served, served, interactions, len(rows),
                 {}, t0,
             )  # fmt: skip
+        finally:
+            if holding is not None:
+                holding.cancel()
         if not result.accepted:
             return self._report(
                 "rejected", result.reason, served, served, interactions, len(rows),

@@ -12,6 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from model.network import GMTRouterNetwork, NetworkConfig
 from model.synthetic import HashEncoder, planted_preferences
 from server.app import RouterServer
 from server.config import EmbeddingSettings, parse_settings
-from server.learning import OnlineLearner
+from server.learning import LEASE_NAME, OnlineLearner
 
 DIM = 384
 MODELS = ["A", "B", "C"]
@@ -320,3 +325,87 @@ async def test_a_killed_worker_fails_its_round_and_the_next_round_gets_a_new_one
         assert learner.scorer.model_version == before
         resp = await stub.Select(select_request("user0"), timeout=30)
         assert resp.model_version == before
+
+
+async def test_the_trainer_lease_is_renewed_during_a_long_round(
+    untrained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A round outlives its training budget (the worker's start, the data, the evaluation):
+    the trainer keeps renewing the lease, so no other replica can take it meanwhile."""
+    store = SQLiteGraphStore(tmp_path / "g.db", embedding_dim=DIM)
+    ttl = 4.6  # > check_interval_s + time_budget_s, as the configuration requires
+    auto = settings(
+        untrained_checkpoint,
+        "auto",
+        lease_ttl_s=ttl,
+        time_budget_s=4,
+        steps=100_000,
+        min_improvement=100.0,
+    )
+    async with follower_with_history(settings(untrained_checkpoint, "follower"), store) as (
+        learner,
+        _,
+    ):
+        trainer = OnlineLearner(
+            auto, store, learner.scorer, learner.metrics, learner.on_swap, replica_id="trainer"
+        )
+        assert await store.acquire_lease(LEASE_NAME, "trainer", ttl)
+        start = time.monotonic()
+        round_ = asyncio.create_task(trainer.train_once(force=True))
+        taken_by_other = False
+        while not round_.done():
+            await asyncio.sleep(0.25)
+            taken_by_other = taken_by_other or await store.acquire_lease(LEASE_NAME, "other", ttl)
+        report = await round_
+        elapsed = time.monotonic() - start
+        await trainer.stop()
+    assert report is not None and report.outcome == "rejected", report  # by min_improvement
+    assert elapsed > ttl  # the round outlived one lease term ...
+    assert not taken_by_other  # ... and the lease stayed with the trainer
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (reaped or not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_worker_exits_when_its_server_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves no chance to shut the pool down: the worker's watchdog ends it."""
+    script = tmp_path / "server_stand_in.py"
+    script.write_text(
+        "import concurrent.futures, multiprocessing, os, time\n"
+        "from server.learning import _init_worker\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    pool = concurrent.futures.ProcessPoolExecutor(\n"
+        "        1, mp_context=ctx, initializer=_init_worker, initargs=(ctx.Event(),))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 600)  # a long round\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    worker = 0
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+        assert _running(worker)
+        time.sleep(0.5)  # the long task has started
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(worker), "the worker outlived its server"
+    finally:
+        proc.kill()
+        if worker and _running(worker):
+            os.kill(worker, signal.SIGKILL)
