@@ -7,7 +7,8 @@
 // first candidate model (Method "gmtrouter_fallback", Reasoning says why) and a nil error,
 // so a router never hangs on its routing step. UpdateFeedback maps the router's feedback to
 // RecordResponse with a deterministic idempotency key, so retries are never counted twice.
-// A PreferenceCache follows StreamPreferences in the background and keeps each followed
+// A PreferenceCache follows StreamPreferences in the background (over several streams of at
+// most WithMaxStreamUsers user ids each) and keeps each followed
 // user's latest ranking of the candidate models in memory.
 //
 // What the service contract has no field for (and is therefore not sent): ModelRef.Weight,

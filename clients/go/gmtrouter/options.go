@@ -13,6 +13,10 @@ const (
 	DefaultFeedbackTimeout = 2 * time.Second
 )
 
+// DefaultMaxStreamUsers is the default number of user ids per preference stream: the
+// service's default limits.max_stream_users.
+const DefaultMaxStreamUsers = 1000
+
 type options struct {
 	selectTimeout   time.Duration
 	feedbackTimeout time.Duration
@@ -24,6 +28,7 @@ type options struct {
 	logger          *slog.Logger
 	backoffMin      time.Duration
 	backoffMax      time.Duration
+	maxStreamUsers  int
 }
 
 func defaultOptions() options {
@@ -33,6 +38,7 @@ func defaultOptions() options {
 		logger:          slog.New(slog.DiscardHandler),
 		backoffMin:      100 * time.Millisecond,
 		backoffMax:      10 * time.Second,
+		maxStreamUsers:  DefaultMaxStreamUsers,
 	}
 }
 
@@ -121,6 +127,18 @@ func WithStreamBackoff(minDelay, maxDelay time.Duration) Option {
 		}
 		if maxDelay >= o.backoffMin {
 			o.backoffMax = maxDelay
+		}
+	}
+}
+
+// WithMaxStreamUsers sets how many user ids one preference stream carries at most (default
+// 1000, the service's default limits.max_stream_users). A PreferenceCache following more
+// users opens several streams. Keep it at or below the service's limit: a larger stream is
+// refused with INVALID_ARGUMENT, logged as an error and retried only at the longest backoff.
+func WithMaxStreamUsers(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxStreamUsers = n
 		}
 	}
 }

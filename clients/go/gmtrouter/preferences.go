@@ -28,15 +28,19 @@ type Preference struct {
 	Method string
 }
 
-// PreferenceCache follows StreamPreferences for a set of users in a background goroutine and
-// keeps each user's latest ranking. It reconnects with exponential backoff (with jitter)
-// when the stream breaks; the service resends every current ranking on reconnect. Rankings
-// stay readable, possibly stale, while disconnected (see Connected). All methods are safe
-// for concurrent use.
+// PreferenceCache follows StreamPreferences for a set of users in the background and keeps
+// each user's latest ranking. The followed users are split over several concurrent streams
+// of at most WithMaxStreamUsers ids each (default 1000, the service's default
+// limits.max_stream_users), one goroutine per stream. The streams are one set: when any of
+// them breaks, all are closed and the set reconnects together with exponential backoff
+// (with jitter); the service resends every current ranking on reconnect. Rankings stay
+// readable, possibly stale, while disconnected (see Connected). All methods are safe for
+// concurrent use.
 type PreferenceCache struct {
 	sel        *Selector
 	candidates []*routerv1.CandidateModel
 	onUpdate   func(Preference)
+	updateMu   sync.Mutex // serializes onUpdate calls from the streams' goroutines
 
 	mu        sync.RWMutex
 	users     []string
@@ -48,9 +52,12 @@ type PreferenceCache struct {
 	done    chan struct{}
 }
 
-// WatchPreferences starts following userIDs' rankings of candidates. onUpdate, if not nil,
-// is called from the cache's goroutine after each received update (keep it fast). Stop the
-// cache with Close (or by cancelling ctx).
+// WatchPreferences starts following userIDs' rankings of candidates. More users than
+// WithMaxStreamUsers (default 1000) are split over several concurrent streams of at most
+// that many ids each (the service refuses a larger stream with INVALID_ARGUMENT). onUpdate,
+// if not nil, is called after each received update, from the streams' goroutines but never
+// concurrently (keep it fast: it holds up every stream). Stop the cache with Close (or by
+// cancelling ctx).
 func (s *Selector) WatchPreferences(ctx context.Context, userIDs []string, candidates []ModelRef, onUpdate func(Preference)) (*PreferenceCache, error) {
 	if err := checkCandidates(candidates); err != nil {
 		return nil, err
@@ -76,8 +83,13 @@ func (s *Selector) WatchPreferences(ctx context.Context, userIDs []string, candi
 
 func dedupeUsers(have []string, add []string) []string {
 	out := slices.Clone(have)
+	seen := make(map[string]bool, len(have)+len(add))
+	for _, u := range have {
+		seen[u] = true
+	}
 	for _, u := range add {
-		if strings.TrimSpace(u) != "" && !slices.Contains(out, u) {
+		if strings.TrimSpace(u) != "" && !seen[u] {
+			seen[u] = true
 			out = append(out, u)
 		}
 	}
@@ -104,14 +116,17 @@ func (c *PreferenceCache) Preference(userID string) (Preference, bool) {
 	return p, ok
 }
 
-// Connected reports whether the stream is open right now.
+// Connected reports whether the streams are open right now: true once an update arrived
+// on any of them since the set was last (re)opened, false as soon as one breaks (the whole
+// set is then reopened).
 func (c *PreferenceCache) Connected() bool {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.connected
 }
 
-// Follow adds users to the followed set; the stream is reopened to include them.
+// Follow adds users to the followed set; the streams are reopened (all of them, split
+// again) to include them.
 func (c *PreferenceCache) Follow(userIDs ...string) {
 	c.mu.Lock()
 	before := len(c.users)
@@ -156,7 +171,10 @@ func (c *PreferenceCache) run(ctx context.Context) {
 			continue
 		}
 		if status.Code(err) == codes.InvalidArgument {
-			c.sel.opts.logger.Error("gmtrouter preference stream rejected", "error", err)
+			// Retrying soon cannot help (e.g. the service's limits.max_stream_users is below
+			// WithMaxStreamUsers): wait the longest backoff.
+			delay = hi
+			c.sel.opts.logger.Error("gmtrouter preference stream rejected", "error", err, "in", delay)
 		} else {
 			c.sel.opts.logger.Warn("gmtrouter preference stream broke; reconnecting", "error", err, "in", delay)
 		}
@@ -173,19 +191,45 @@ func (c *PreferenceCache) run(ctx context.Context) {
 
 var errRestart = errors.New("followed users changed")
 
-// streamOnce runs one stream until it breaks; received says whether any update arrived.
+// chunkUsers splits users into consecutive chunks of at most n ids.
+func chunkUsers(users []string, n int) [][]string {
+	n = max(n, 1)
+	var out [][]string
+	for len(users) > n {
+		out = append(out, users[:n:n])
+		users = users[n:]
+	}
+	return append(out, users)
+}
+
+// streamOnce opens one stream per chunk of the followed users and runs them until one
+// breaks (or Follow asks for a restart); then it closes the others, waits for every
+// goroutine it started and returns the first error. received says whether any update
+// arrived.
 func (c *PreferenceCache) streamOnce(ctx context.Context) (received bool, err error) {
 	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	c.mu.RLock()
-	req := &routerv1.StreamPreferencesRequest{UserIds: slices.Clone(c.users), CandidateModels: c.candidates}
+	chunks := chunkUsers(slices.Clone(c.users), c.sel.opts.maxStreamUsers)
 	c.mu.RUnlock()
-	stream, err := c.sel.client.StreamPreferences(sctx, req)
-	if err != nil {
-		return false, err
+
+	var (
+		wg        sync.WaitGroup
+		errOnce   sync.Once
+		firstErr  error
+		restarted = make(chan struct{})
+		gotAny    = make(chan struct{})
+		gotOnce   sync.Once
+	)
+	fail := func(err error) {
+		errOnce.Do(func() {
+			firstErr = err
+			c.setConnected(false) // the set is broken; run reopens it
+		})
+		cancel()
 	}
-	restarted := make(chan struct{})
-	go func() {
+	wg.Add(1)
+	go func() { // Follow added users: reopen the set
+		defer wg.Done()
 		select {
 		case <-c.restart:
 			close(restarted)
@@ -193,23 +237,49 @@ func (c *PreferenceCache) streamOnce(ctx context.Context) (received bool, err er
 		case <-sctx.Done():
 		}
 	}()
+	for _, chunk := range chunks {
+		req := &routerv1.StreamPreferencesRequest{UserIds: chunk, CandidateModels: c.candidates}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fail(c.recvStream(sctx, req, func() {
+				gotOnce.Do(func() {
+					close(gotAny)
+					c.setConnected(true)
+				})
+			}))
+		}()
+	}
+	wg.Wait()
+	cancel()
+	select {
+	case <-gotAny:
+		received = true
+	default:
+	}
+	select {
+	case <-restarted:
+		return received, errRestart
+	default:
+	}
+	return received, firstErr
+}
+
+// recvStream runs one stream of the set until it breaks; it never returns nil.
+func (c *PreferenceCache) recvStream(ctx context.Context, req *routerv1.StreamPreferencesRequest, gotUpdate func()) error {
+	stream, err := c.sel.client.StreamPreferences(ctx, req)
+	if err != nil {
+		return err
+	}
 	for {
 		upd, err := stream.Recv()
 		if err != nil {
-			select {
-			case <-restarted:
-				return received, errRestart
-			default:
-			}
 			if err == io.EOF {
 				err = errors.New("stream ended by the server")
 			}
-			return received, err
+			return err
 		}
-		if !received {
-			received = true
-			c.setConnected(true)
-		}
+		gotUpdate()
 		p := Preference{
 			UserID:    upd.GetUserId(),
 			Version:   upd.GetVersion(),
@@ -224,7 +294,9 @@ func (c *PreferenceCache) streamOnce(ctx context.Context) (received bool, err er
 		c.prefs[p.UserID] = p
 		c.mu.Unlock()
 		if c.onUpdate != nil {
+			c.updateMu.Lock()
 			c.onUpdate(p)
+			c.updateMu.Unlock()
 		}
 	}
 }

@@ -40,6 +40,7 @@ type fakeRouter struct {
 	failNext int    // RecordResponse answers UNAVAILABLE this many times
 	keys     map[string]bool
 	streams  int
+	maxUsers int // StreamPreferences refuses more user ids (INVALID_ARGUMENT) like the service; 0: 1000
 	stream   func(n int, req *routerv1.StreamPreferencesRequest, srv routerv1.RouterService_StreamPreferencesServer) error
 }
 
@@ -95,8 +96,14 @@ func (f *fakeRouter) RecordResponse(ctx context.Context, req *routerv1.RecordRes
 func (f *fakeRouter) StreamPreferences(req *routerv1.StreamPreferencesRequest, srv routerv1.RouterService_StreamPreferencesServer) error {
 	f.mu.Lock()
 	f.streams++
-	n, fn := f.streams, f.stream
+	n, fn, limit := f.streams, f.stream, f.maxUsers
 	f.mu.Unlock()
+	if limit == 0 {
+		limit = 1000 // the service's default limits.max_stream_users
+	}
+	if len(req.UserIds) > limit {
+		return status.Errorf(codes.InvalidArgument, "user_ids: has %d entries; the limit is %d per stream", len(req.UserIds), limit)
+	}
 	if fn == nil {
 		return status.Error(codes.Unimplemented, "no stream")
 	}
