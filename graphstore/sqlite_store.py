@@ -123,10 +123,18 @@ def _migrate(conn: sqlite3.Connection) -> None:
     is recognised by its user alone.
     """
     columns = {row[1] for row in conn.execute("PRAGMA table_info(interactions)")}
-    if "query_key" not in columns:
-        conn.execute("ALTER TABLE interactions ADD COLUMN query_key TEXT NOT NULL DEFAULT ''")
-    if "fingerprint" not in columns:
-        conn.execute("ALTER TABLE interactions ADD COLUMN fingerprint TEXT")
+    for column, ddl in (
+        ("query_key", "ALTER TABLE interactions ADD COLUMN query_key TEXT NOT NULL DEFAULT ''"),
+        ("fingerprint", "ALTER TABLE interactions ADD COLUMN fingerprint TEXT"),
+    ):
+        if column in columns:
+            continue
+        try:
+            conn.execute(ddl)
+        except sqlite3.OperationalError as exc:
+            # another process (serve and import on one file) added it since the PRAGMA
+            if "duplicate column name" not in str(exc):
+                raise
     conn.execute(
         "CREATE INDEX IF NOT EXISTS interactions_by_query_key ON interactions(query_key, ts DESC)"
     )
@@ -281,7 +289,10 @@ class SQLiteGraphStore(GraphStore):
             conn.execute("ROLLBACK TO record_call")
             return exc
         finally:
-            conn.execute("RELEASE record_call")
+            # SQLite itself may have rolled the whole transaction back (disk full, I/O
+            # error): the savepoint is gone then, and RELEASE would hide the real error
+            if conn.in_transaction:
+                conn.execute("RELEASE record_call")
 
     def _write_one(
         self, conn: sqlite3.Connection, it: Interaction, position: int, size: int

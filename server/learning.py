@@ -334,6 +334,9 @@ class OnlineLearner:
             except StoreUnavailableError as exc:
                 log.warning("trainer lease not renewed during the round", error=str(exc))
                 continue
+            except Exception:
+                log.exception("trainer lease renewal failed; the round keeps running")
+                continue
             if not held:
                 log.warning("trainer lease lost during the round", replica=self.replica_id)
                 return

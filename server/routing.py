@@ -134,10 +134,17 @@ class RoutingService:
                 raise InvalidRequestError(f"{field}[{i}].model", "model name must not be blank")
             self._check_id(c.model, f"{field}[{i}].model")
 
-    def _check_query(self, query: str, embedding: npt.NDArray[np.float32] | None) -> None:
+    def _check_query(
+        self, query: str, embedding: npt.NDArray[np.float32] | None, *, stored: bool
+    ) -> None:
+        """A query text the server embeds is at most ``limits.max_query_chars``; with a
+        client-supplied embedding the text is only hashed (Select) or stored (``stored``:
+        RecordResponse, then at most ``limits.max_response_chars``, as a response)."""
         dim = self.settings.embedding.dim
-        limit = self.settings.limits.max_query_chars
-        if len(query) > limit:
+        supplied = embedding is not None and embedding.size > 0
+        limits = self.settings.limits
+        limit = limits.max_query_chars if not supplied else limits.max_response_chars
+        if (stored or not supplied) and len(query) > limit:
             raise InvalidRequestError("query", f"is {len(query)} characters; the limit is {limit}")
         if embedding is not None and embedding.size:
             if embedding.shape != (dim,):
@@ -213,14 +220,15 @@ class RoutingService:
 
         Raises:
             InvalidRequestError: empty ``user_id``, no candidates, a blank model name or one
-                longer than ``limits.max_id_chars``, too many candidates, a query longer than
-                ``limits.max_query_chars``, or neither query text nor an embedding of
-                dimension ``D``.
+                longer than ``limits.max_id_chars``, too many candidates, a query to embed
+                longer than ``limits.max_query_chars`` (with a client-supplied embedding the
+                text is only hashed, at any length), or neither query text nor an embedding
+                of dimension ``D``.
             StoreUnavailableError: the store failed.
         """
         self._check_user(req.user_id)
         self._check_candidates(req.candidates, "candidate_models")
-        self._check_query(req.query, req.query_embedding)
+        self._check_query(req.query, req.query_embedding, stored=False)
         names = list(dict.fromkeys(c.model for c in req.candidates))
         key = query_key(req.query)
         evidence = (
@@ -282,7 +290,8 @@ class RoutingService:
             InvalidRequestError: empty ``user_id``; no ``model`` without a comparison; a
                 comparison without winner/loser or with winner == loser; a rating outside its
                 scale or not finite; neither query text nor embedding; a query longer than
-                ``limits.max_query_chars`` or a response longer than
+                ``limits.max_query_chars`` (``limits.max_response_chars`` with a
+                client-supplied embedding) or a response longer than
                 ``limits.max_response_chars``; an ``interaction_id`` with ':'; an
                 ``interaction_id``, ``session_id``, ``idempotency_key`` or model name longer
                 than ``limits.max_id_chars`` or with control characters; a ``timestamp``
@@ -292,13 +301,14 @@ class RoutingService:
                 user's, or other content: only a retry of the same request is a duplicate);
                 nothing was written (gRPC ``INVALID_ARGUMENT``).
             CommitOutcomeUnknownError: the store connection dropped while the commit was in
-                flight; the message starts with :data:`RECORD_OUTCOME_UNKNOWN`. Retrying
+                flight, or an attempt had sent its commit before the write failed; the
+                message starts with :data:`RECORD_OUTCOME_UNKNOWN`. Retrying
                 with the same idempotency key stores it exactly once.
             StoreUnavailableError: the store failed before committing; nothing was written
                 (the message starts with :data:`RECORD_NOT_WRITTEN`).
         """
         self._check_user(rec.user_id)
-        self._check_query(rec.query, rec.query_embedding)
+        self._check_query(rec.query, rec.query_embedding, stored=True)
         if rec.turn_index < 0:
             raise InvalidRequestError("turn_index", "must be >= 0")
         self._check_id(rec.interaction_id, "interaction_id")
@@ -414,18 +424,29 @@ class RoutingService:
 
         Raises:
             InvalidRequestError: empty or invalid ``user_id``.
-            StoreUnavailableError: the store failed; nothing was deleted.
+            CommitOutcomeUnknownError: the connection dropped at the commit (Neo4j): the
+                user may or may not be deleted; this replica's caches are dropped anyway.
+                DeleteUser is idempotent: call it again.
+            StoreUnavailableError: the store failed before committing; nothing was deleted.
         """
         self._check_user(user_id)
-        deleted = await self.store.delete_user(user_id)
+        try:
+            deleted = await self.store.delete_user(user_id)
+        except CommitOutcomeUnknownError:
+            self._forget_user(user_id)
+            raise
+        self._forget_user(user_id)
+        log.info("user deleted", user_id=user_id, deleted_interactions=deleted)
+        return deleted
+
+    def _forget_user(self, user_id: str) -> None:
+        """Drop this replica's cached state of the user and wake its preference streams."""
         self.scorer.invalidate(user_id)
         if self.evidence is not None:
             self.evidence.clear()
         if self.user_evidence is not None:
             self.user_evidence.invalidate(user_id)
         self._notify(user_id)
-        log.info("user deleted", user_id=user_id, deleted_interactions=deleted)
-        return deleted
 
     # -- StreamPreferences -------------------------------------------------------------------
 

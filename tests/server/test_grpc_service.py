@@ -132,15 +132,7 @@ def test_select_with_text_query(stub: router_pb2_grpc.RouterServiceStub) -> None
             {"user_id": "u", "query": "hi", "candidate_models": cands("a\nb")},
             "candidate_models[0].model",
         ),
-        (  # the query's limit holds with a client-supplied embedding too
-            {
-                "user_id": "u",
-                "query": "x" * 32769,
-                "query_embedding": emb(1),
-                "candidate_models": cands("a"),
-            },
-            "query",
-        ),
+        ({"user_id": "u", "query": "x" * 32769, "candidate_models": cands("a")}, "query"),
     ],
 )
 def test_select_invalid_argument(
@@ -208,8 +200,9 @@ def test_select_invalid_argument(
             "comparison.loser_model",
         ),
         ({"user_id": "u", "query": "q", "model": "a", "response": "r" * 262145}, "response"),
-        (
-            {"user_id": "u", "query": "x" * 32769, "query_embedding": emb(1), "model": "a"},
+        ({"user_id": "u", "query": "x" * 32769, "model": "a"}, "query"),
+        (  # stored: with a client-supplied embedding, as long as a response may be
+            {"user_id": "u", "query": "x" * 262145, "query_embedding": emb(1), "model": "a"},
             "query",
         ),
         (  # 0001-01-01
@@ -395,3 +388,28 @@ def test_embedded_store_survives_restart(tmp_path: Path) -> None:
     finally:
         srv2.stop()
     assert '"event_loop": "asyncio"' in srv2.log()
+
+
+def test_a_long_query_with_an_embedding_is_routed(
+    stub: router_pb2_grpc.RouterServiceStub,
+) -> None:
+    """With a client-supplied embedding the text is only hashed: a router sending a long
+    prompt (retrieval context) with its own embedding still gets a personalized answer."""
+    long = "context " * 10_000  # 80,000 characters > limits.max_query_chars
+    resp = stub.Select(
+        pb.SelectRequest(
+            user_id="long-u", query=long, query_embedding=emb(1), candidate_models=cands("a", "b")
+        ),
+        timeout=30,
+    )
+    assert resp.selected_model in ("a", "b")
+    ack = stub.RecordResponse(
+        pb.RecordResponseRequest(
+            user_id="long-u",
+            query=long,
+            query_embedding=emb(1),
+            comparison=pb.Comparison(winner_model="a", loser_model="b"),
+        ),
+        timeout=30,
+    )
+    assert ack.interaction_id

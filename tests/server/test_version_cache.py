@@ -163,7 +163,7 @@ class _CountingEncoder(TextEncoder):
 async def test_cached_state_expires_after_state_max_age(setup: Setup) -> None:
     """DeleteUser through another replica, then as many new writes: the version is the same
     again, so only the state's age stops this replica serving the erased history."""
-    store, net, a, b = await setup(0, 0.5)
+    store, net, a, b = await setup(0, 3.0)  # ample for the steps before the "stale" check
     assert (await net.score("u", Q, [a, b])).history_turns == 2
     reads = store.neighbourhood_reads
     await store.delete_user("u")  # through another replica: this one is not told
@@ -171,7 +171,7 @@ async def test_cached_state_expires_after_state_max_age(setup: Setup) -> None:
     assert await store.user_version("u") == 1  # as before the deletion
     stale = await net.score("u", Q, [a, b])
     assert store.neighbourhood_reads == reads  # same version: the cached state
-    await asyncio.sleep(0.55)
+    await asyncio.sleep(3.05)
     fresh = await net.score("u", Q, [a, b])
     assert store.neighbourhood_reads == reads + 1  # rebuilt from the store
     assert fresh.history_turns == 2

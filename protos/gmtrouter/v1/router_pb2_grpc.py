@@ -66,8 +66,9 @@ class RouterServiceServicer:
     def Select(self, request, context):
         """Select scores every candidate model for this user and query and returns the best one.
         Errors: INVALID_ARGUMENT (no candidates, blank model name, empty user_id, a query that is
-        neither text nor an embedding of the server's dimension), UNAVAILABLE (store down and no
-        fallback possible).
+        neither text nor an embedding of the server's dimension, a value past the server's
+        limits.*; the message starts with the field), UNAVAILABLE (store down and no fallback
+        possible).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -75,8 +76,12 @@ class RouterServiceServicer:
 
     def RecordResponse(self, request, context):
         """RecordResponse stores one interaction (query, model, response, feedback) in the user's
-        graph. It is acknowledged only once durably written. Retries with the same
-        idempotency_key are answered with duplicate = true and write nothing.
+        graph. It is acknowledged only once durably written. A retry (the same user and content
+        with the same idempotency_key or interaction_id) is answered with duplicate = true and
+        writes nothing; a stored key or id sent with another user or other content is refused.
+        Errors: INVALID_ARGUMENT (invalid or over-long fields, a timestamp before 1970 or more
+        than a day ahead, a reused key or id; the message starts with the field), UNAVAILABLE
+        ("not written: ..." nothing is stored; "outcome unknown: ..." retry with the same key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,7 +89,8 @@ class RouterServiceServicer:
 
     def StreamPreferences(self, request, context):
         """StreamPreferences sends first the current ranking of each requested user, then one
-        update whenever that user's ranking of the candidate models changes.
+        update whenever that user's ranking of the candidate models changes. At most
+        limits.max_stream_users (default 1000) user ids per stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,8 +102,8 @@ class RouterServiceServicer:
         user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
         replica's cached state for the user. Open StreamPreferences streams for the user receive
         the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
-        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
-        deleted).
+        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down: nothing was
+        deleted, or "outcome unknown" when the connection dropped at the commit; call it again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,17 +45,23 @@ class RouterServiceStub:
     Select: _grpc.UnaryUnaryMultiCallable[_router_pb2.SelectRequest, _router_pb2.SelectResponse]
     """Select scores every candidate model for this user and query and returns the best one.
     Errors: INVALID_ARGUMENT (no candidates, blank model name, empty user_id, a query that is
-    neither text nor an embedding of the server's dimension), UNAVAILABLE (store down and no
-    fallback possible).
+    neither text nor an embedding of the server's dimension, a value past the server's
+    limits.*; the message starts with the field), UNAVAILABLE (store down and no fallback
+    possible).
     """
     RecordResponse: _grpc.UnaryUnaryMultiCallable[_router_pb2.RecordResponseRequest, _router_pb2.RecordResponseResponse]
     """RecordResponse stores one interaction (query, model, response, feedback) in the user's
-    graph. It is acknowledged only once durably written. Retries with the same
-    idempotency_key are answered with duplicate = true and write nothing.
+    graph. It is acknowledged only once durably written. A retry (the same user and content
+    with the same idempotency_key or interaction_id) is answered with duplicate = true and
+    writes nothing; a stored key or id sent with another user or other content is refused.
+    Errors: INVALID_ARGUMENT (invalid or over-long fields, a timestamp before 1970 or more
+    than a day ahead, a reused key or id; the message starts with the field), UNAVAILABLE
+    ("not written: ..." nothing is stored; "outcome unknown: ..." retry with the same key).
     """
     StreamPreferences: _grpc.UnaryStreamMultiCallable[_router_pb2.StreamPreferencesRequest, _router_pb2.PreferenceUpdate]
     """StreamPreferences sends first the current ranking of each requested user, then one
-    update whenever that user's ranking of the candidate models changes.
+    update whenever that user's ranking of the candidate models changes. At most
+    limits.max_stream_users (default 1000) user ids per stream.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_router_pb2.DeleteUserRequest, _router_pb2.DeleteUserResponse]
     """DeleteUser erases everything stored about one user (right to erasure): the user node,
@@ -63,8 +69,8 @@ class RouterServiceStub:
     user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
     replica's cached state for the user. Open StreamPreferences streams for the user receive
     the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
-    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
-    deleted).
+    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down: nothing was
+    deleted, or "outcome unknown" when the connection dropped at the commit; call it again).
     """
 
 @_typing.type_check_only
@@ -77,17 +83,23 @@ class RouterServiceAsyncStub(RouterServiceStub):
     Select: _aio.UnaryUnaryMultiCallable[_router_pb2.SelectRequest, _router_pb2.SelectResponse]  # type: ignore[assignment]
     """Select scores every candidate model for this user and query and returns the best one.
     Errors: INVALID_ARGUMENT (no candidates, blank model name, empty user_id, a query that is
-    neither text nor an embedding of the server's dimension), UNAVAILABLE (store down and no
-    fallback possible).
+    neither text nor an embedding of the server's dimension, a value past the server's
+    limits.*; the message starts with the field), UNAVAILABLE (store down and no fallback
+    possible).
     """
     RecordResponse: _aio.UnaryUnaryMultiCallable[_router_pb2.RecordResponseRequest, _router_pb2.RecordResponseResponse]  # type: ignore[assignment]
     """RecordResponse stores one interaction (query, model, response, feedback) in the user's
-    graph. It is acknowledged only once durably written. Retries with the same
-    idempotency_key are answered with duplicate = true and write nothing.
+    graph. It is acknowledged only once durably written. A retry (the same user and content
+    with the same idempotency_key or interaction_id) is answered with duplicate = true and
+    writes nothing; a stored key or id sent with another user or other content is refused.
+    Errors: INVALID_ARGUMENT (invalid or over-long fields, a timestamp before 1970 or more
+    than a day ahead, a reused key or id; the message starts with the field), UNAVAILABLE
+    ("not written: ..." nothing is stored; "outcome unknown: ..." retry with the same key).
     """
     StreamPreferences: _aio.UnaryStreamMultiCallable[_router_pb2.StreamPreferencesRequest, _router_pb2.PreferenceUpdate]  # type: ignore[assignment]
     """StreamPreferences sends first the current ranking of each requested user, then one
-    update whenever that user's ranking of the candidate models changes.
+    update whenever that user's ranking of the candidate models changes. At most
+    limits.max_stream_users (default 1000) user ids per stream.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_router_pb2.DeleteUserRequest, _router_pb2.DeleteUserResponse]  # type: ignore[assignment]
     """DeleteUser erases everything stored about one user (right to erasure): the user node,
@@ -95,8 +107,8 @@ class RouterServiceAsyncStub(RouterServiceStub):
     user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
     replica's cached state for the user. Open StreamPreferences streams for the user receive
     the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
-    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
-    deleted).
+    Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down: nothing was
+    deleted, or "outcome unknown" when the connection dropped at the commit; call it again).
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -112,8 +124,9 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_pb2.SelectResponse, _abc.Awaitable[_router_pb2.SelectResponse]]:
         """Select scores every candidate model for this user and query and returns the best one.
         Errors: INVALID_ARGUMENT (no candidates, blank model name, empty user_id, a query that is
-        neither text nor an embedding of the server's dimension), UNAVAILABLE (store down and no
-        fallback possible).
+        neither text nor an embedding of the server's dimension, a value past the server's
+        limits.*; the message starts with the field), UNAVAILABLE (store down and no fallback
+        possible).
         """
 
     @_abc_1.abstractmethod
@@ -123,8 +136,12 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.RecordResponseResponse, _abc.Awaitable[_router_pb2.RecordResponseResponse]]:
         """RecordResponse stores one interaction (query, model, response, feedback) in the user's
-        graph. It is acknowledged only once durably written. Retries with the same
-        idempotency_key are answered with duplicate = true and write nothing.
+        graph. It is acknowledged only once durably written. A retry (the same user and content
+        with the same idempotency_key or interaction_id) is answered with duplicate = true and
+        writes nothing; a stored key or id sent with another user or other content is refused.
+        Errors: INVALID_ARGUMENT (invalid or over-long fields, a timestamp before 1970 or more
+        than a day ahead, a reused key or id; the message starts with the field), UNAVAILABLE
+        ("not written: ..." nothing is stored; "outcome unknown: ..." retry with the same key).
         """
 
     @_abc_1.abstractmethod
@@ -134,7 +151,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_router_pb2.PreferenceUpdate], _abc.AsyncIterator[_router_pb2.PreferenceUpdate]]:
         """StreamPreferences sends first the current ranking of each requested user, then one
-        update whenever that user's ranking of the candidate models changes.
+        update whenever that user's ranking of the candidate models changes. At most
+        limits.max_stream_users (default 1000) user ids per stream.
         """
 
     @_abc_1.abstractmethod
@@ -148,8 +166,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         user's contribution to the pairwise win counts behind the Bradley-Terry prior, and this
         replica's cached state for the user. Open StreamPreferences streams for the user receive
         the reset ranking (version 0). Idempotent: deleting an unknown user deletes nothing.
-        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down; nothing was
-        deleted).
+        Errors: INVALID_ARGUMENT (empty or invalid user_id), UNAVAILABLE (store down: nothing was
+        deleted, or "outcome unknown" when the connection dropped at the commit; call it again).
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
