@@ -290,7 +290,11 @@ class LimitSettings(_Section):
 
     max_candidates: int = Field(64, ge=1, le=4096)
     max_query_chars: int = Field(
-        32768, ge=1, description="Query text, with or without a client-supplied embedding."
+        32768,
+        ge=1,
+        description="Query text the server embeds. With a client-supplied embedding Select "
+        "only hashes the text (any length) and RecordResponse stores up to "
+        "max_response_chars.",
     )
     max_response_chars: int = Field(262144, ge=1, description="RecordResponse's response text.")
     # Neo4j indexes ids and model names, alone or in pairs (user_id, session_id): an index
