@@ -36,7 +36,10 @@ async def service() -> AsyncIterator[RoutingService]:
     pool.shutdown()
 
 
-names = st.text(min_size=1, max_size=12).filter(lambda s: s.strip() != "")
+# any model name the service accepts: not blank, no control characters (Cc)
+names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=12).filter(
+    lambda s: s.strip() != ""
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
