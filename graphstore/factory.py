@@ -69,12 +69,17 @@ def check_store_uri(uri: str) -> str:
     """
     if not uri.strip():
         raise ValueError("store URI is empty; use a file path, sqlite:///PATH or neo4j://HOST")
-    if sqlite_path(uri) is None and uri.split("://", 1)[0] not in NEO4J_SCHEMES:
-        raise ValueError(
-            f"store URI scheme {uri.split('://', 1)[0]!r} is not supported; use a file path, "
-            f"sqlite:///PATH, or one of {', '.join(s + '://' for s in NEO4J_SCHEMES)}"
-        )
+    scheme = uri.split("://", 1)[0]
+    if sqlite_path(uri) is None and scheme not in NEO4J_SCHEMES:
+        raise _unsupported(scheme)
     return uri
+
+
+def _unsupported(scheme: str) -> ValueError:
+    return ValueError(
+        f"store URI scheme {scheme!r} is not supported; use a file path, sqlite:///PATH, "
+        f"or one of {', '.join(s + '://' for s in NEO4J_SCHEMES)}"
+    )
 
 
 def create_store(
@@ -98,7 +103,4 @@ def create_store(
         return Neo4jGraphStore(
             uri, credentials=neo4j or Neo4jCredentials(), embedding_dim=embedding_dim
         )  # type: ignore[no-any-return,unused-ignore]
-    raise ValueError(
-        f"store URI scheme {scheme!r} is not supported; use a file path, sqlite:///PATH, "
-        f"or one of {', '.join(s + '://' for s in NEO4J_SCHEMES)}"
-    )
+    raise _unsupported(scheme)

@@ -134,7 +134,7 @@ from graphstore.neighbourhood import (
     link_previous_turns,
 )
 from graphstore.registry import KEEP_PUBLISHED, PublishedModel
-from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
+from graphstore.store import EMPTY_PAIR_GAMES, CallResult, GraphStore, settle_call
 
 log = logging.getLogger(__name__)
 
@@ -520,20 +520,6 @@ RETURN deleted
 
 _Pending = tuple[list[Interaction], asyncio.Future[list[RecordResult]]]
 
-#: Per ``record`` call of a write group: its results, or the conflict that refused it.
-_CallResult = list[RecordResult] | IdempotencyConflictError
-
-
-def _settle(fut: asyncio.Future[list[RecordResult]], res: _CallResult) -> None:
-    """Give a ``record`` call its results, or its IdempotencyConflictError."""
-    if fut.done():
-        return
-    if isinstance(res, IdempotencyConflictError):
-        fut.set_exception(res)
-    else:
-        fut.set_result(res)
-
-
 #: (user_id, session_id) of a session.
 _SessionKey = tuple[str, str]
 
@@ -752,7 +738,7 @@ class _Plan:
         by_key: dict[str, _Stored],
         known: dict[str, _Stored],
     ) -> None:
-        self.results: list[_CallResult] = []
+        self.results: list[CallResult] = []
         self.new: list[Interaction] = []
         #: content_fingerprint of each of ``new``.
         self.fingerprints: list[str] = []
@@ -1144,7 +1130,7 @@ class Neo4jGraphStore(GraphStore):
                     fut.set_exception(err)
             return
         for (_, fut), res in zip(group, results, strict=True):
-            _settle(fut, res)
+            settle_call(fut, res)
 
     def _as_unavailable(self, exc: Exception) -> StoreUnavailableError:
         if isinstance(exc, StoreUnavailableError):
@@ -1186,9 +1172,9 @@ class Neo4jGraphStore(GraphStore):
                 if not fut.done():
                     fut.set_exception(err)
                 continue
-            _settle(fut, res)
+            settle_call(fut, res)
 
-    async def _write_group(self, batches: list[list[Interaction]]) -> list[_CallResult]:
+    async def _write_group(self, batches: list[list[Interaction]]) -> list[CallResult]:
         """Write the batches in one transaction; per batch, its results or the
         IdempotencyConflictError that refused it (nothing of it written).
 
@@ -1241,7 +1227,7 @@ class Neo4jGraphStore(GraphStore):
     @staticmethod
     async def _write_tx(
         tx: AsyncManagedTransaction, batches: list[list[Interaction]]
-    ) -> list[_CallResult]:
+    ) -> list[CallResult]:
         """Two statements in the common case: read the state, then write (module docstring)."""
         items = [it for batch in batches for it in batch]
         keys = sorted({it.idempotency_key for it in items if it.idempotency_key})
@@ -1291,7 +1277,7 @@ class Neo4jGraphStore(GraphStore):
 
     async def _write_appends(
         self, batches: list[list[Interaction]], watch: _CommitWatch
-    ) -> list[_CallResult]:
+    ) -> list[CallResult]:
         """The group in one statement (:data:`_WRITE_APPENDS`, which also re-links the
         sessions that got a late turn), as one managed write transaction of the driver's
         ``execute_query``: BEGIN is sent with RUN and PULL, so the transaction takes two round

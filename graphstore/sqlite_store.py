@@ -46,7 +46,7 @@ from graphstore.interactions import (
 )
 from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood, check_sampling
 from graphstore.registry import KEEP_PUBLISHED, PublishedModel
-from graphstore.store import EMPTY_PAIR_GAMES, GraphStore
+from graphstore.store import EMPTY_PAIR_GAMES, CallResult, GraphStore, settle_call
 
 T = TypeVar("T")
 
@@ -247,20 +247,15 @@ class SQLiteGraphStore(GraphStore):
                         fut.set_exception(err)
                 continue
             for (_, fut), res in zip(groups, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(res, IdempotencyConflictError):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                settle_call(fut, res)
 
     def _write_groups(
         self, groups: list[tuple[list[Interaction], asyncio.Future[list[RecordResult]]]]
-    ) -> list[list[RecordResult] | IdempotencyConflictError]:
+    ) -> list[CallResult]:
         """Write every call of the group in one transaction: per call, its results, or the
         conflict that refused it (with nothing of it written)."""
         conn = self._db()
-        out: list[list[RecordResult] | IdempotencyConflictError] = []
+        out: list[CallResult] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for batch, _ in groups:
@@ -272,9 +267,7 @@ class SQLiteGraphStore(GraphStore):
             raise
         return out
 
-    def _write_call(
-        self, conn: sqlite3.Connection, batch: list[Interaction]
-    ) -> list[RecordResult] | IdempotencyConflictError:
+    def _write_call(self, conn: sqlite3.Connection, batch: list[Interaction]) -> CallResult:
         """One ``record`` call's rows, all or none (inside the group's transaction)."""
         if len(batch) == 1:
             # A conflict is found before anything is written: no savepoint needed.

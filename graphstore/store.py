@@ -10,8 +10,10 @@ one store.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 
+from graphstore.errors import IdempotencyConflictError
 from graphstore.interactions import (
     Interaction,
     PairCount,
@@ -24,6 +26,21 @@ from graphstore.registry import PublishedModel
 
 #: A pair count at or below this many games (on both sides) is removed by ``delete_user``.
 EMPTY_PAIR_GAMES = 1e-9
+
+#: One ``record`` call's outcome in a group commit: its results, or the conflict that
+#: refused it (nothing of it written).
+CallResult = list[RecordResult] | IdempotencyConflictError
+
+
+def settle_call(fut: asyncio.Future[list[RecordResult]], res: CallResult) -> None:
+    """Give a grouped ``record`` call (waiting on ``fut``) its results, or raise its
+    :class:`~graphstore.errors.IdempotencyConflictError` there; a done future is left as is."""
+    if fut.done():
+        return
+    if isinstance(res, IdempotencyConflictError):
+        fut.set_exception(res)
+    else:
+        fut.set_result(res)
 
 
 class GraphStore(abc.ABC):

@@ -106,18 +106,15 @@ class RoutingService:
     # -- validation --------------------------------------------------------------------------
 
     def _check_user(self, user_id: str, field: str = "user_id") -> None:
-        limit = self.settings.limits.max_user_id_chars
         if not user_id or not user_id.strip():
             raise InvalidRequestError(field, "must not be empty")
-        if len(user_id) > limit:
-            raise InvalidRequestError(field, f"is {len(user_id)} characters; the limit is {limit}")
-        if _CONTROL_CHARACTER.search(user_id):
-            raise InvalidRequestError(field, "must not contain control characters")
+        self._check_id(user_id, field, self.settings.limits.max_user_id_chars)
 
-    def _check_id(self, value: str, field: str) -> None:
-        """An optional identifier or model name: at most ``limits.max_id_chars`` characters
-        (Neo4j indexes these: an index key holds at most ≈ 8 KB), no control characters."""
-        limit = self.settings.limits.max_id_chars
+    def _check_id(self, value: str, field: str, limit: int | None = None) -> None:
+        """An optional identifier or model name: at most ``limit`` characters (default
+        ``limits.max_id_chars``; Neo4j indexes these: an index key holds at most ≈ 8 KB), no
+        control characters."""
+        limit = self.settings.limits.max_id_chars if limit is None else limit
         if len(value) > limit:
             raise InvalidRequestError(field, f"is {len(value)} characters; the limit is {limit}")
         if _CONTROL_CHARACTER.search(value):
