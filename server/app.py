@@ -2,7 +2,9 @@
 
 Lifecycle (engineering notes, "gRPC facts"): health starts NOT_SERVING, becomes SERVING once
 the store is open and the models are loaded and warm; on SIGTERM/SIGINT it goes NOT_SERVING,
+keeps answering for ``server.drain_delay_s`` (a load balancer stops sending new calls), then
 in-flight calls get ``server.grace_period_s`` to finish, then the store is flushed and closed.
+A SIGTERM during start-up stops the start and exits.
 
 Every RouterService method goes through :class:`server.rpc_gate.RpcGate`, outermost first:
 access log + metrics (sees every outcome, rejections included), bearer-token authentication
@@ -34,7 +36,7 @@ from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.interactions import query_key
 from graphstore.store import GraphStore
 from model.text_encoder import TextEncoder, auto_threads
-from server.config import Settings
+from server.config import ServerSettings, Settings
 from server.degraded import BudgetedStore, DegradingScorer, SnapshotPriorScorer
 from server.heap import freeze_long_lived, thaw
 from server.metrics import InstrumentedStore, Metrics
@@ -164,13 +166,11 @@ class RouterServer:
         gate = RpcGate(
             self.metrics, BearerAuth(tokens) if tokens.enabled else None, cfg.max_inflight
         )
-        # grpc enables SO_REUSEPORT by default: a second server on a port in use would then
-        # start and take part of the connections. Off, binding a used port fails.
-        self.server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+        self.server = grpc.aio.server(options=_server_options(cfg))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.store.open()
+        await _open_store(self.store, self.settings.store.open_wait_s)
         store = InstrumentedStore(self.store, self.metrics)
         scorer = build_scorer(self.settings, store, self.encoder, self.executor, self.metrics)
         evidence = QueryEvidenceSource(
@@ -254,11 +254,24 @@ class RouterServer:
         self.metrics.set_model_version(getattr(scorer, "model_version", "unknown"))
         return self.port
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, let in-flight calls finish (``grace_s``), flush and close the store
-        (waiting at most :data:`STORE_CLOSE_TIMEOUT_S` for it)."""
-        grace = self.settings.server.grace_period_s if grace_s is None else grace_s
+    async def stop(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
+        """NOT_SERVING, keep answering for ``drain_delay_s`` (default ``server.drain_delay_s``),
+        let in-flight calls finish (``grace_s``, default ``server.grace_period_s``), flush and
+        close the store (waiting at most :data:`STORE_CLOSE_TIMEOUT_S` for it).
+
+        Also valid after a start that failed or was cancelled part-way (it then closes what
+        was opened). All times in seconds.
+        """
+        cfg = self.settings.server
+        grace = cfg.grace_period_s if grace_s is None else grace_s
+        delay = cfg.drain_delay_s if drain_delay_s is None else drain_delay_s
         await self.health.enter_graceful_shutdown()
+        if self.server is not None and self.port and delay > 0:
+            # Kubernetes removes a terminating pod from the Service's endpoints asynchronously
+            # (and kube-proxy / clients notice later still): calls keep arriving for a moment.
+            # Answering them, rather than refusing them, is what this delay is for.
+            log.info("draining", drain_delay_s=delay)
+            await asyncio.sleep(delay)
         if self.server is not None:
             await self.server.stop(grace)
         if self.learner is not None:
@@ -275,6 +288,50 @@ class RouterServer:
         if self._froze:
             thaw()
         log.info("stopped")
+
+
+def _server_options(cfg: ServerSettings) -> tuple[tuple[str, int], ...]:
+    """grpc.aio server channel arguments for ``server.*``.
+
+    grpc enables SO_REUSEPORT by default: a second server on a port in use would then start
+    and take part of the connections. Off, binding a used port fails. With
+    ``server.max_connection_age_s`` each connection gets a GOAWAY after that age (in-flight
+    calls get ``grace_period_s`` more): clients reconnect, and a client behind a Kubernetes
+    Service or on a headless Service's DNS name reaches replicas added since.
+    """
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+    if cfg.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", round(cfg.grace_period_s * 1000)))
+    return tuple(options)
+
+
+async def _open_store(store: GraphStore, wait_s: float) -> None:
+    """Open the store; while it is unavailable, retry for up to ``wait_s`` seconds.
+
+    Raises:
+        graphstore.errors.StoreUnavailableError: it still cannot be opened after ``wait_s``
+            (at once when ``wait_s`` is 0).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    pause = 0.5
+    while True:
+        try:
+            await store.open()
+            return
+        except StoreUnavailableError as exc:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise
+            log.warning(
+                "store not available; retrying",
+                error=str(exc),
+                retry_in_s=round(min(pause, left), 1),
+                gives_up_in_s=round(left, 1),
+            )
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, 10.0)
 
 
 def _apply_store_timeouts(store: GraphStore, settings: Settings) -> None:
@@ -319,13 +376,37 @@ def _redact(uri: str) -> str:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
-    app = RouterServer(settings)
-    await app.start()
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully.
+
+    The signal handlers are installed before the start-up (loading models, opening the
+    store: seconds to minutes): a SIGTERM then cancels the start and the process exits
+    cleanly. Without them, a process that is PID 1 in a container ignores SIGTERM, and a pod
+    deleted while starting would wait for SIGKILL.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    app = RouterServer(settings)
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stop requested during start-up; exiting")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await app.stop(grace_s=0, drain_delay_s=0)
+        return
+    stopping.cancel()
+    try:
+        starting.result()
+    except BaseException:
+        await app.stop(grace_s=0, drain_delay_s=0)
+        raise
     await stop.wait()
-    log.info("shutting down", grace_period_s=settings.server.grace_period_s)
+    log.info(
+        "shutting down",
+        drain_delay_s=settings.server.drain_delay_s,
+        grace_period_s=settings.server.grace_period_s,
+    )
     await app.stop()

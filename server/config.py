@@ -139,6 +139,21 @@ class ServerSettings(_Section):
     grace_period_s: float = Field(
         10.0, ge=0, le=300, description="SIGTERM: seconds in-flight calls may take to finish."
     )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=120,
+        description="SIGTERM: seconds to keep answering calls while health reports "
+        "NOT_SERVING, before the grace period starts (so that a load balancer, e.g. "
+        "Kubernetes endpoints, stops sending new calls first).",
+    )
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="Close each client connection (HTTP/2 GOAWAY) after this many seconds, "
+        "so that clients reconnect and spread over replicas added since (0 = never).",
+    )
     max_workers: int = Field(
         1, ge=1, le=8, description="Threads for torch work (the HGT encode, text embedding)."
     )
@@ -201,6 +216,13 @@ class StoreSettings(_Section):
         le=300,
         description="Neo4j: how long a transaction is retried on transient errors (store "
         "unreachable, deadlock, lost leader), in seconds; then the call fails UNAVAILABLE.",
+    )
+    open_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="Start-up: how long to keep retrying a store that cannot be opened (e.g. "
+        "Neo4j still starting), in seconds; 0 = one attempt, then exit.",
     )
     select_timeout_ms: float = Field(
         500.0,
