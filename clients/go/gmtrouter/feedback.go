@@ -55,6 +55,9 @@ func FeedbackKey(fb *Feedback) string {
 		h.Write([]byte{':'})
 		h.Write([]byte(part))
 	}
+	if fb.TurnIndex != 0 { // keys of turn-0 feedback are those of clients before TurnIndex
+		h.Write([]byte("turn:" + strconv.FormatUint(uint64(fb.TurnIndex), 10)))
+	}
 	return "fb-" + hex.EncodeToString(h.Sum(nil))[:40]
 }
 
@@ -68,6 +71,7 @@ func feedbackRequest(fb *Feedback, user string) *routerv1.RecordResponseRequest 
 	req := &routerv1.RecordResponseRequest{
 		UserId:         user,
 		SessionId:      session,
+		TurnIndex:      fb.TurnIndex,
 		Query:          fb.Query,
 		Response:       fb.Response,
 		IdempotencyKey: FeedbackKey(fb),

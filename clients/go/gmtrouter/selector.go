@@ -20,7 +20,12 @@ import (
 var ErrInvalidRequest = errors.New("gmtrouter: invalid request")
 
 // RecordResponse carries an idempotency key, so retrying it on UNAVAILABLE is safe.
+// round_robin spreads calls over every address the target resolves to: with a headless
+// Kubernetes Service ("dns:///gmtrouter-headless.ns.svc.cluster.local:50051") that is every
+// ready replica; a ClusterIP Service name resolves to one address, as with pick_first. The
+// server's max_connection_age makes clients reconnect, and so re-resolve, periodically.
 const serviceConfig = `{
+  "loadBalancingConfig": [{"round_robin": {}}],
   "methodConfig": [{
     "name": [{"service": "gmtrouter.v1.RouterService", "method": "RecordResponse"}],
     "retryPolicy": {

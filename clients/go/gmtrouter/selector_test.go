@@ -23,6 +23,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
 
 	routerv1 "github.com/gmtrouter/gmtrouter/protos/gen/go/gmtrouter/v1"
@@ -272,6 +274,7 @@ func TestFeedbackKeyIsDeterministic(t *testing.T) {
 		func(f *Feedback) { f.Tie = true },
 		func(f *Feedback) { f.UserID = "u2" },
 		func(f *Feedback) { f.Query, f.Response = "q1", "" }, // fields are length-prefixed
+		func(f *Feedback) { f.TurnIndex = 1 },
 	} {
 		c := a
 		change(&c)
@@ -286,7 +289,7 @@ func TestUpdateFeedbackMapping(t *testing.T) {
 	s := newSelector(t, startFake(t, f))
 	ctx := context.Background()
 	fbs := []Feedback{
-		{Query: "q", Response: "r", UserID: "u", SessionID: "s", WinnerModel: "a", LoserModel: "b", Timestamp: 1700000000},
+		{Query: "q", Response: "r", UserID: "u", SessionID: "s", TurnIndex: 2, WinnerModel: "a", LoserModel: "b", Timestamp: 1700000000},
 		{Query: "q", UserID: "u", ConversationID: "c", WinnerModel: "a", LoserModel: "b", Tie: true, Timestamp: 1700000001},
 		{Query: "q", UserID: "u", WinnerModel: "a", FeedbackType: "satisfied"},
 		{Query: "q", UserID: "u", LoserModel: "b", FeedbackType: "wrong_answer"},
@@ -297,7 +300,7 @@ func TestUpdateFeedbackMapping(t *testing.T) {
 		}
 	}
 	cmp := f.records[0]
-	if cmp.UserId != "u" || cmp.SessionId != "s" || cmp.Query != "q" || cmp.Response != "r" ||
+	if cmp.UserId != "u" || cmp.SessionId != "s" || cmp.TurnIndex != 2 || cmp.Query != "q" || cmp.Response != "r" ||
 		cmp.Model != "a" || cmp.GetComparison().GetWinnerModel() != "a" ||
 		cmp.GetComparison().GetLoserModel() != "b" || cmp.GetComparison().GetTie() ||
 		cmp.GetTimestamp().GetSeconds() != 1700000000 || cmp.IdempotencyKey != FeedbackKey(&fbs[0]) {
@@ -488,3 +491,30 @@ type routerSelector interface {
 }
 
 var _ routerSelector = (*Selector)(nil)
+
+// A target that resolves to several addresses (a headless Service's DNS name) gets its calls
+// spread over all of them (round_robin), not pinned to the first (grpc's pick_first default).
+func TestSelectSpreadsOverEveryResolvedAddress(t *testing.T) {
+	fa, fb := &fakeRouter{}, &fakeRouter{}
+	r := manual.NewBuilderWithScheme("gmtrouter-test")
+	r.InitialState(resolver.State{Addresses: []resolver.Address{
+		{Addr: startFake(t, fa)}, {Addr: startFake(t, fb)},
+	}})
+	s := newSelector(t, r.Scheme()+":///replicas", WithDialOptions(grpc.WithResolvers(r)))
+	ctx := context.Background()
+	for i := 0; i < 40; i++ {
+		res, err := s.Select(ctx, &SelectionContext{Query: "q", UserID: "u", CandidateModels: twoModels})
+		if err != nil || res.Method == FallbackMethod {
+			t.Fatalf("select %d: %v %+v", i, err, res)
+		}
+	}
+	fa.mu.Lock()
+	na := len(fa.selects)
+	fa.mu.Unlock()
+	fb.mu.Lock()
+	nb := len(fb.selects)
+	fb.mu.Unlock()
+	if na+nb != 40 || na < 10 || nb < 10 {
+		t.Fatalf("calls per replica: %d and %d", na, nb)
+	}
+}

@@ -39,7 +39,7 @@ type SelectionContext struct {
 	QualityWeight float64
 	// UserID is the end user's stable id, from a trusted authentication header.
 	UserID string
-	// SessionID is the conversation id; turns of one session are chained server-side.
+	// SessionID is the conversation id (recorded turns are chained by Feedback.TurnIndex).
 	SessionID string
 }
 
@@ -84,11 +84,16 @@ type Feedback struct {
 	DecisionName string
 	// Timestamp is when the interaction happened, unix seconds; now when 0.
 	Timestamp int64
-	// UserID is required. SessionID (or ConversationID when SessionID is empty) chains
-	// turns of one conversation.
+	// UserID is required. SessionID (or ConversationID when SessionID is empty) names the
+	// conversation.
 	UserID         string
 	SessionID      string
 	ConversationID string
+	// TurnIndex is the 0-based position of Query's turn in its conversation (e.g. the number
+	// of earlier user messages). The service links each turn to the previous turn of its
+	// session by this index (the method's turn→previous-turn edges): feedback that leaves it
+	// 0 for every turn of a conversation is stored, but its turns are not chained.
+	TurnIndex uint32
 	// FeedbackType is the router's label, e.g. "satisfied", "need_clarification",
 	// "wrong_answer", "want_different" (not sent).
 	FeedbackType string
