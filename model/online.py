@@ -136,6 +136,26 @@ def prepare_comparisons(
     )
 
 
+def training_sessions(session_ids: Sequence[str], interaction_ids: Sequence[str]) -> list[str]:
+    """The session name each recorded comparison is trained under.
+
+    A comparison recorded without a conversation id (``session_id`` "", which RecordResponse
+    accepts) is a session of its own, named after its interaction id: otherwise all of a
+    user's sessionless feedback would be one session, no user would have the two sessions a
+    round needs (history and targets come from different sessions, method notes), and
+    :func:`held_back_split` would hold back whole users. The name is stable across rounds,
+    so a comparison held back in one round is held back in every round.
+
+    Raises:
+        ValueError: the two lists differ in length.
+    """
+    if len(session_ids) != len(interaction_ids):
+        raise ValueError(
+            f"{len(session_ids)} session ids for {len(interaction_ids)} interaction ids"
+        )
+    return [s or f"\x00{i}" for s, i in zip(session_ids, interaction_ids, strict=True)]
+
+
 def held_back_split(prep: PreparedData, fraction: float) -> tuple[IntArray, IntArray]:
     """``(fit, held)`` comparison indices: a session is held back when a hash of its
     ``(user, session)`` names falls below ``fraction``.

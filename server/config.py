@@ -261,10 +261,10 @@ class SamplerSettings(_Section):
         gt=0,
         le=86400,
         description="Longest reuse of a user's cached network state (the user's and the "
-        "LLMs' embeddings) at an unchanged graph version, in seconds. Bounds how long other "
-        "users' newer turns are missing from it, and how long a replica can serve state built "
-        "from data that DeleteUser erased through another replica when the user has since "
-        "written as many new interactions (the version is then the same again).",
+        "LLMs' embeddings) at an unchanged graph version, in seconds. Bounds how long a "
+        "replica can serve state built from data that DeleteUser erased through another "
+        "replica when the user has since written as many new interactions (the version is "
+        "then the same again).",
     )
 
 

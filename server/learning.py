@@ -57,7 +57,7 @@ from graphstore.registry import PublishedModel
 from graphstore.store import GraphStore
 from model.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint_bytes
 from model.data import PreparedData
-from model.online import FineTuneConfig, fine_tune, prepare_comparisons
+from model.online import FineTuneConfig, fine_tune, prepare_comparisons, training_sessions
 from server.config import Settings
 from server.metrics import Metrics
 from server.personalization import NetworkScorer, ServedModel
@@ -392,7 +392,9 @@ class OnlineLearner:
         def prepare() -> tuple[bytes, PreparedData]:  # in a thread, never the event loop
             prep = prepare_comparisons(
                 user_ids=[r.user_id for r in rows],
-                session_ids=[r.session_id for r in rows],
+                session_ids=training_sessions(
+                    [r.session_id for r in rows], [r.interaction_id for r in rows]
+                ),
                 turn_index=np.array([r.turn_index for r in rows], dtype=np.int64),
                 query_embedding=np.stack([r.query_embedding for r in rows]),
                 model_a=[r.winner_model for r in rows],

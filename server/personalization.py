@@ -586,8 +586,7 @@ class NetworkScorer:
         if personalized:
             method = METHOD
             reasoning = (
-                f"personalized: {what}, over the user's {state.history_turns} most recent "
-                f"turns ({self.settings.sampler.hops}-hop neighbourhood)"
+                f"personalized: {what}, over the user's {state.history_turns} most recent turns"
             )
         else:
             method = METHOD_COLD_START

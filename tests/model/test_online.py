@@ -8,7 +8,7 @@ import torch
 
 from model.data import PreparedData, prepare
 from model.network import GMTRouterNetwork, NetworkConfig
-from model.online import FineTuneConfig, fine_tune, prepare_comparisons
+from model.online import FineTuneConfig, fine_tune, prepare_comparisons, training_sessions
 from model.synthetic import HashEncoder, planted_preferences
 
 DIM = 32
@@ -98,3 +98,35 @@ def test_prepare_comparisons_checks_its_inputs() -> None:
     args["outcome_a"] = np.ones(3, dtype=np.float32)
     with pytest.raises(ValueError, match="length 2"):
         prepare_comparisons(**args)  # type: ignore[arg-type]
+
+
+def test_feedback_without_a_session_id_still_trains(planted: PreparedData) -> None:
+    """RecordResponse accepts an empty ``session_id`` (the Go client sends one when the
+    router knows no conversation id). Each such comparison is then a session of its own; as
+    one session per user, no round could ever train."""
+    ids = [f"i{k}" for k in range(planted.n)]
+
+    def as_recorded(sessions: list[str]) -> PreparedData:
+        return prepare_comparisons(
+            user_ids=[planted.users[u] for u in planted.user],
+            session_ids=sessions,
+            turn_index=np.zeros(planted.n, dtype=np.int64),
+            query_embedding=planted.query_emb[planted.query],
+            model_a=[planted.models[m] for m in planted.a],
+            model_b=[planted.models[m] for m in planted.b],
+            outcome_a=planted.y,
+            models=planted.models,
+            llm_x=planted.llm_x,
+        )
+
+    sessionless = [""] * planted.n
+    cfg = FineTuneConfig(steps=40, lr=2e-3)
+    one_session = fine_tune(untrained(), as_recorded(sessionless), cfg, seed=0, time_budget_s=60)
+    assert not one_session.accepted and "two sessions" in one_session.reason
+    prep = as_recorded(training_sessions(sessionless, ids))
+    res = fine_tune(untrained(), prep, cfg, seed=0, time_budget_s=120)
+    assert res.accepted, res.reason
+    assert 0 < res.metrics["n_holdout"] < planted.n // 2  # single comparisons, not whole users
+    assert training_sessions(["s", ""], ["i1", "i2"]) == ["s", "\x00i2"]
+    with pytest.raises(ValueError):
+        training_sessions([""], [])
