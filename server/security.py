@@ -1,7 +1,9 @@
 """Transport security and caller authentication for the gRPC server.
 
 * TLS / mutual TLS: :func:`server_credentials` turns ``server.tls`` into gRPC server
-  credentials (PEM files read once at start-up).
+  credentials. The PEM files are read at start-up and again when they change
+  (:class:`CertificateFiles`: a renewed certificate, e.g. from cert-manager, is used for new
+  connections without a restart).
 * Bearer tokens: :class:`BearerAuth` checks the ``authorization: Bearer <token>``
   metadata of every RouterService call (:class:`server.rpc_gate.RpcGate` asks it) against a
   :class:`TokenTable` (``server.auth.tokens_file`` and env ``GMTROUTER_AUTH_TOKENS``).
@@ -19,9 +21,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections.abc import Mapping
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -60,23 +65,96 @@ def _read(path: str, setting: str) -> bytes:
         raise SecurityConfigError(f"{setting}: cannot read {path!r}: {exc.strerror}") from None
 
 
-def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials | None:
+class CertificateFiles:
+    """The server's TLS files (``server.tls``), re-read when they change.
+
+    grpc calls :meth:`fetch` before every new connection's TLS handshake
+    (``grpc.dynamic_ssl_server_credentials``). It looks at the files' modification time,
+    size and inode at most every :attr:`check_interval_s` seconds; when any changed, it
+    reads them again and hands grpc the new configuration. A Kubernetes Secret volume swaps
+    all files at once (a symlink), so a renewed certificate and its key arrive together.
+    Connections open at the time keep their certificate. A file that cannot be read is
+    logged and the current configuration stays in use.
+
+    Args:
+        tls: The settings; ``cert_file`` and ``key_file`` must be set.
+        check_interval_s: Least time between two looks at the files, in seconds.
+
+    Raises:
+        SecurityConfigError: a PEM file is missing or unreadable at construction.
+    """
+
+    def __init__(self, tls: TLSSettings, check_interval_s: float = 1.0) -> None:
+        assert tls.cert_file is not None and tls.key_file is not None
+        self._files = {"server.tls.cert_file": tls.cert_file, "server.tls.key_file": tls.key_file}
+        if tls.client_ca_file is not None:
+            self._files["server.tls.client_ca_file"] = tls.client_ca_file
+        self.check_interval_s = check_interval_s
+        self._lock = threading.Lock()
+        self._next_check = 0.0
+        self._stamp = self._stamps()
+        #: The configuration grpc uses for new connections.
+        self.current = self._load()
+        #: How many times changed files were loaded since start-up.
+        self.reloads = 0
+
+    def _stamps(self) -> tuple[tuple[int, int, int], ...] | None:
+        try:
+            return tuple(
+                (st.st_mtime_ns, st.st_size, st.st_ino)
+                for st in (os.stat(path) for path in self._files.values())
+            )
+        except OSError:
+            return None
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        pem = {setting: _read(path, setting) for setting, path in self._files.items()}
+        return grpc.ssl_server_certificate_configuration(
+            [(pem["server.tls.key_file"], pem["server.tls.cert_file"])],
+            root_certificates=pem.get("server.tls.client_ca_file"),
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed since the last load, else None
+        (grpc keeps the current one). Called by grpc's threads; thread-safe."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_check:
+                return None
+            self._next_check = now + self.check_interval_s
+            stamp = self._stamps()
+            if stamp is None or stamp == self._stamp:
+                return None
+            try:
+                config = self._load()
+            except SecurityConfigError as exc:
+                log.error("TLS files not reloaded; keeping the current ones", error=str(exc))
+                return None
+            self._stamp = stamp
+            self.current = config
+            self.reloads += 1
+        log.info("TLS files reloaded", files=sorted(self._files.values()))
+        return config
+
+
+def server_credentials(
+    tls: TLSSettings, *, check_interval_s: float = 1.0
+) -> grpc.ServerCredentials | None:
     """gRPC server credentials for ``server.tls``, or None when TLS is off.
+
+    The files are re-read when they change (:class:`CertificateFiles`), looked at no more
+    than every ``check_interval_s`` seconds.
 
     Raises:
         SecurityConfigError: a PEM file is missing or unreadable.
     """
     if tls.cert_file is None or tls.key_file is None:
         return None
-    cert = _read(tls.cert_file, "server.tls.cert_file")
-    key = _read(tls.key_file, "server.tls.key_file")
-    ca = (
-        _read(tls.client_ca_file, "server.tls.client_ca_file")
-        if tls.client_ca_file is not None
-        else None
-    )
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=tls.require_client_auth
+    files = CertificateFiles(tls, check_interval_s)
+    # grpc takes None from the fetcher as "no change"; types-grpcio's stub omits the None.
+    fetch = cast("Callable[[], grpc.ServerCertificateConfiguration]", files.fetch)
+    return grpc.dynamic_ssl_server_credentials(
+        files.current, fetch, require_client_authentication=tls.require_client_auth
     )
 
 

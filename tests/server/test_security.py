@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,39 @@ async def test_mutual_tls_requires_a_client_certificate(certs: dict[str, Path]) 
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await _select(ch)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_renewed_certificate_is_used_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews the Secret; the mounted files change. New connections get the new
+    certificate (checked by a client that trusts only the new CA), without a restart."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = make_certificates(tmp_path / "old"), make_certificates(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    cert.write_bytes(old["server"].read_bytes())
+    key.write_bytes(old["server_key"].read_bytes())
+    async with running({"tls": {"cert_file": str(cert), "key_file": str(key)}}) as app:
+        target = f"localhost:{app.port}"
+        async with grpc.aio.secure_channel(target, _creds(old)) as ch:
+            assert (await _select(ch)).selected_model in {"a", "b"}
+        # Renewed the way a Secret volume swaps files: both at once (here: one rename each).
+        for name, src in ((cert, new["server"]), (key, new["server_key"])):
+            name.with_suffix(".tmp").write_bytes(src.read_bytes())
+            name.with_suffix(".tmp").replace(name)
+        await asyncio.sleep(1.2)  # the files are looked at no more than once a second
+        async with grpc.aio.secure_channel(target, _creds(new)) as ch:
+            assert (await _select(ch)).selected_model in {"a", "b"}
+        async with grpc.aio.secure_channel(target, _creds(old)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _select(ch)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A file that disappears (a broken renewal) keeps the last good certificate in use.
+        key.unlink()
+        await asyncio.sleep(1.2)
+        async with grpc.aio.secure_channel(target, _creds(new)) as ch:
+            assert (await _select(ch)).selected_model in {"a", "b"}
 
 
 def test_tls_settings_validation() -> None:
