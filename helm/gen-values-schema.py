@@ -33,8 +33,21 @@ QUANTITY = {
     "type": ["string", "integer"],
     "pattern": "^[0-9]+(\\.[0-9]+)?([EPTGMk]i?|[mun]|e[0-9]+)?$",
 }
+# The PDB template reads "2" as 2 (no leading zeros: no octal surprises) and keeps "50%".
 INT_OR_PERCENT = {
-    "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^[0-9]+%$"}]
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": "^(0|[1-9][0-9]*)$"},
+        {"type": "string", "pattern": "^(0|[1-9][0-9]?|100)%$"},
+    ],
+    "description": "An integer (or an integer string, e.g. \"2\") or a percentage (\"50%\").",
+}
+# Prometheus duration (the pattern of the prometheus-operator CRDs' Duration), e.g. 1m30s.
+DURATION = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+    "(([0-9]+)ms)?)$",
 }
 
 
@@ -46,9 +59,18 @@ def obj(props: dict[str, Any], required: list[str] | None = None, **extra: Any) 
     return out
 
 
-def probe() -> dict[str, Any]:
+def probe(readiness: bool = False) -> dict[str, Any]:
+    """The probe fields deployment.yaml passes through (toYaml) after the handler."""
     pos = {"type": "integer", "minimum": 1}
-    return obj({"periodSeconds": pos, "failureThreshold": pos, "timeoutSeconds": pos})
+    props: dict[str, Any] = {
+        "periodSeconds": pos,
+        "failureThreshold": pos,
+        "timeoutSeconds": pos,
+        "initialDelaySeconds": {"type": "integer", "minimum": 0},
+    }
+    if readiness:  # Kubernetes requires successThreshold 1 for liveness and startup probes
+        props["successThreshold"] = pos
+    return obj(props)
 
 
 def chart_schema() -> dict[str, Any]:
@@ -90,6 +112,7 @@ def chart_schema() -> dict[str, Any]:
                     "annotations": STR_MAP,
                     "grpcPort": PORT,
                     "metricsPort": PORT,
+                    "headless": obj({"enabled": BOOL}),
                 }
             ),
             "config": {"$ref": "#/$defs/Settings"},
@@ -110,20 +133,10 @@ def chart_schema() -> dict[str, Any]:
             "modelCheckpoint": obj(
                 {
                     "enabled": BOOL,
-                    "existingClaim": STR,
-                    "size": QUANTITY,
-                    "storageClass": STR,
-                    "accessModes": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "enum": [
-                                "ReadWriteOnce",
-                                "ReadOnlyMany",
-                                "ReadWriteMany",
-                                "ReadWriteOncePod",
-                            ]
-                        },
+                    "existingClaim": {
+                        "type": "string",
+                        "description": "PersistentVolumeClaim holding fileName; required "
+                        "with enabled (the chart does not create it).",
                     },
                     "mountPath": {"type": "string", "pattern": "^/"},
                     "fileName": {"type": "string", "pattern": "^[^/]+$"},
@@ -131,7 +144,9 @@ def chart_schema() -> dict[str, Any]:
             ),
             "scratch": obj({"tmpSizeLimit": QUANTITY, "dataSizeLimit": QUANTITY}),
             "resources": obj({"requests": OBJ, "limits": OBJ, "claims": ARR}),
-            "probes": obj({"startup": probe(), "liveness": probe(), "readiness": probe()}),
+            "probes": obj(
+                {"startup": probe(), "liveness": probe(), "readiness": probe(readiness=True)}
+            ),
             "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},
             "autoscaling": obj(
                 {
@@ -162,8 +177,8 @@ def chart_schema() -> dict[str, Any]:
                     "serviceMonitor": obj(
                         {
                             "enabled": BOOL,
-                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
                             "path": {"type": "string", "pattern": "^/"},
                             "labels": STR_MAP,
                         }
@@ -205,6 +220,12 @@ def build() -> dict[str, Any]:
         "The service's configuration file (server/config.py), rendered into the ConfigMap."
     )
     defs["Settings"] = settings
+    # The ConfigMap is not secret: the chart's validate helper refuses a password here, with
+    # a message pointing at neo4jAuth (a schema error could not name the right values).
+    defs["Neo4jSettings"]["properties"]["password"]["description"] = (
+        "Never set in the chart: the ConfigMap is not secret (the render fails). Use "
+        "neo4jAuth.existingSecret or neo4jAuth.password (env NEO4J_PASSWORD)."
+    )
     schema: dict[str, Any] = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$comment": "Generated by helm/gen-values-schema.py from the chart's values and "

@@ -17,8 +17,9 @@
 # Steps: values.schema.json in sync with server/config.py; helm lint; a copy of the chart
 # without its Neo4j dependency (the https://helm.neo4j.com/neo4j repository is unreachable
 # here, and Helm refuses to render a chart whose declared dependencies are missing, even
-# disabled ones) is linted --strict and rendered with three value sets; the rendered config
-# file is checked by the server itself (gmtrouter check-config); invalid values must fail;
+# disabled ones) is linted --strict and rendered with four value sets; the rendered config
+# file is checked by the server itself (gmtrouter check-config); invalid values (the schema and
+# the chart's cross-field rules) must fail and valid edge cases must render;
 # every rendered manifest is validated against the Kubernetes schemas of each version in
 # KUBE_VERSIONS, the ServiceMonitor against the prometheus-operator CRD schema.
 set -euo pipefail
@@ -149,6 +150,8 @@ SETS=(
   # The app side of neo4j.enabled=true (URI and Secret wiring); the Neo4j chart's own
   # manifests are NOT rendered here (not fetched).
   "neo4j-bundled-app-side|--set neo4j.enabled=true --set replicaCount=2"
+  # TLS, no metrics endpoint, a LoadBalancer, pass-through probe fields, a string PDB value.
+  "variants|--set tls.enabled=true --set tls.existingSecret=gmtrouter-tls --set config.server.metrics_port=0 --set service.type=LoadBalancer --set probes.startup.initialDelaySeconds=5 --set probes.readiness.successThreshold=2 --set-string podDisruptionBudget.maxUnavailable=1"
 )
 
 step "helm lint --strict (chart copy without the dependency)"
@@ -172,6 +175,7 @@ expect() {  # expect FILE REGEX WHAT
 D=$OUT/default-k8s${KUBE_VERSIONS[0]}.yaml
 N=$OUT/neo4j-external-k8s${KUBE_VERSIONS[0]}.yaml
 B=$OUT/neo4j-bundled-app-side-k8s${KUBE_VERSIONS[0]}.yaml
+V=$OUT/variants-k8s${KUBE_VERSIONS[0]}.yaml
 expect "$D" 'uri: sqlite:////var/lib/gmtrouter/gmtrouter.db' "the embedded store"
 expect "$D" 'mountPath: /var/lib/gmtrouter' "the embedded store's emptyDir"
 ! grep -q NEO4J_PASSWORD "$D" || die "default values must not wire a Neo4j password"
@@ -181,8 +185,30 @@ expect "$N" 'model_path: /models/mt_bench.pt' "the checkpoint path"
 expect "$N" 'kind: HorizontalPodAutoscaler' "an HPA"
 expect "$N" 'kind: ServiceMonitor' "a ServiceMonitor"
 expect "$B" 'uri: neo4j://gmtrouter-neo4j:7687' "the bundled Neo4j Service"
-for f in "$D" "$N" "$B"; do
+expect "$D" 'drain_delay_s: 5' "the default drain delay"
+expect "$D" 'max_connection_age_s: 300' "the default connection age"
+expect "$D" 'name: gmtrouter-headless' "the headless Service"
+expect "$D" 'clusterIP: None' "the headless Service"
+expect "$D" 'name: gmtrouter-metrics' "the metrics Service"
+# /metrics only on the ClusterIP metrics Service, never on the gRPC Services.
+svc() {  # svc NAME HELM_ARGS...: "TYPE port-name..." of Service NAME
+  "$HELM" template gmtrouter "$COPY" --kube-version "${KUBE_VERSIONS[0]}" -s templates/service.yaml "${@:2}" \
+    | awk -v n="  name: $1" '/^---/{on=0} $0==n{on=1} on && /^  type:/{t=$2} on && /- name:/{p=p" "$3} END{print t p}'
+}
+[[ $(svc gmtrouter --set service.type=LoadBalancer) == "LoadBalancer grpc" ]] || die "the gRPC Service: expected LoadBalancer with grpc only"
+[[ $(svc gmtrouter-metrics --set service.type=LoadBalancer) == "ClusterIP metrics" ]] || die "the metrics Service: expected ClusterIP with metrics"
+[[ $(svc gmtrouter-headless) == "ClusterIP grpc" ]] || die "the headless Service: expected ClusterIP (None) with grpc"
+! grep -q 'name: gmtrouter-metrics$' "$V" || die "metrics_port 0: no metrics Service expected"
+! grep -Eq 'containerPort: 9090|prometheus.io/scrape' "$V" || die "metrics_port 0: no metrics port or scrape annotations expected"
+expect "$V" 'metrics_port: 0' "metrics_port 0 kept"
+expect "$V" 'tcpSocket:' "TCP probes with TLS"
+expect "$V" 'initialDelaySeconds: 5' "probe fields passed through"
+expect "$V" '^  maxUnavailable: 1$' "the string PDB value rendered as an integer"
+expect "$N" 'app.kubernetes.io/component: metrics' "the ServiceMonitor selecting the metrics Service"
+for f in "$D" "$N" "$B" "$V"; do
   expect "$f" 'readOnlyRootFilesystem: true' "a read-only root filesystem"
+done
+for f in "$D" "$N" "$B"; do
   expect "$f" 'service: gmtrouter.v1.RouterService' "gRPC health probes"
   expect "$f" 'containerPort: 9090' "the metrics port"
 done
@@ -224,6 +250,37 @@ refuse 'embedded SQLite store' --set replicaCount=3
 refuse 'embedded SQLite store' --set autoscaling.enabled=true
 refuse 'podDisruptionBudget: set maxUnavailable .* not both' \
   --set podDisruptionBudget.minAvailable=1 --set podDisruptionBudget.maxUnavailable=1
+NEO=(--set config.store.uri=neo4j://neo4j:7687)
+refuse 'config.store.neo4j.password .*neo4jAuth.existingSecret' "${NEO[@]}" --set config.store.neo4j.password=hunter2
+refuse 'terminationGracePeriodSeconds \(30\) must be at least .*drain_delay_s \(5\) .*grace_period_s \(20\)' \
+  --set config.server.grace_period_s=20 --set terminationGracePeriodSeconds=30
+refuse 'lease_ttl_s \(got 90\) must exceed check_interval_s \+ time_budget_s' --set config.learning.lease_ttl_s=90
+refuse 'cert_file and key_file must be set together' --set config.server.tls.cert_file=/tls/tls.crt
+refuse 'cert_file and key_file must be set together' --set config.server.tls.key_file=/tls/tls.key
+refuse 'serviceMonitor.enabled needs the metrics endpoint' \
+  --set config.server.metrics_port=0 --set metrics.serviceMonitor.enabled=true
+refuse 'minAvailable \(3 = 3 pod\(s\)\) is not below replicaCount \(3\)' \
+  "${NEO[@]}" --set replicaCount=3 --set podDisruptionBudget.minAvailable=3
+refuse 'minAvailable \(2 = 2 pod\(s\)\) is not below autoscaling.minReplicas \(2\)' \
+  "${NEO[@]}" --set autoscaling.enabled=true --set-string podDisruptionBudget.minAvailable=2
+refuse 'maxUnavailable \(0\) lets no pod go' --set podDisruptionBudget.maxUnavailable=0
+refuse 'minReplicas \(5\) must not exceed autoscaling.maxReplicas \(2\)' \
+  "${NEO[@]}" --set autoscaling.enabled=true --set autoscaling.minReplicas=5 --set autoscaling.maxReplicas=2
+refuse 'modelCheckpoint.enabled needs modelCheckpoint.existingClaim' --set modelCheckpoint.enabled=true
+refuse "'1m30x' does not match" --set metrics.serviceMonitor.interval=1m30x
+
+step "values that must render"
+accept() {  # accept HELM_ARGS...
+  "$HELM" template gmtrouter "$COPY" --kube-version "${KUBE_VERSIONS[0]}" "$@" >/dev/null || die "refused: $*"
+  echo "  rendered: $*"
+}
+accept --set metrics.serviceMonitor.interval=1m30s --set metrics.serviceMonitor.scrapeTimeout=45s
+accept --set probes.liveness.initialDelaySeconds=10
+accept --set config.learning.lease_ttl_s=90 --set config.learning.role=trainer
+"$HELM" template gmtrouter "$COPY" --kube-version "${KUBE_VERSIONS[0]}" -s templates/deployment.yaml \
+  "${NEO[@]}" --set neo4jAuth.password=trial | grep -q 'checksum/neo4j-secret:' \
+  || die "neo4jAuth.password: expected a checksum/neo4j-secret pod annotation"
+echo "  neo4jAuth.password: checksum/neo4j-secret on the pod template"
 
 # --- PodDisruptionBudget: maxUnavailable 1 by default; minAvailable alone replaces it ---------
 step "PodDisruptionBudget: default, and minAvailable set alone"
@@ -231,10 +288,11 @@ pdb() { "$HELM" template gmtrouter "$COPY" --kube-version "${KUBE_VERSIONS[0]}" 
 got=$(pdb)
 grep -qx '  maxUnavailable: 1' <<<"$got" && ! grep -q minAvailable <<<"$got" \
   || { echo "$got" >&2; die "default PDB: expected maxUnavailable: 1 and no minAvailable"; }
-got=$(pdb --set podDisruptionBudget.minAvailable=1)
+# (minAvailable must stay below the replica count: 3 Neo4j-backed replicas here.)
+got=$(pdb "${NEO[@]}" --set replicaCount=3 --set podDisruptionBudget.minAvailable=1)
 grep -qx '  minAvailable: 1' <<<"$got" && ! grep -q maxUnavailable <<<"$got" \
   || { echo "$got" >&2; die "--set podDisruptionBudget.minAvailable=1: expected minAvailable: 1 and no maxUnavailable"; }
-echo "  default: maxUnavailable: 1; --set podDisruptionBudget.minAvailable=1: minAvailable: 1, no maxUnavailable"
+echo "  default: maxUnavailable: 1; --set podDisruptionBudget.minAvailable=1 (3 replicas): minAvailable: 1, no maxUnavailable"
 
 # --- Kubernetes schemas ------------------------------------------------------------------
 for kv in "${KUBE_VERSIONS[@]}"; do

@@ -26,12 +26,44 @@ app.kubernetes.io/name: {{ include "gmtrouter.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "gmtrouter.labels" -}}
+{{/* Labels without app.kubernetes.io/component. */}}
+{{- define "gmtrouter.commonLabels" -}}
 helm.sh/chart: {{ include "gmtrouter.chart" . }}
 {{ include "gmtrouter.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "gmtrouter.labels" -}}
+{{ include "gmtrouter.commonLabels" . }}
 app.kubernetes.io/component: router
+{{- end }}
+
+{{/* Labels of the metrics Service (the ServiceMonitor selects it by its component). */}}
+{{- define "gmtrouter.metricsLabels" -}}
+{{ include "gmtrouter.commonLabels" . }}
+app.kubernetes.io/component: metrics
+{{- end }}
+
+{{/* The Prometheus port: config.server.metrics_port when set (0 = no metrics endpoint),
+     else ports.metrics. */}}
+{{- define "gmtrouter.metricsPort" -}}
+{{- $server := dig "server" dict (.Values.config | default dict) }}
+{{- if hasKey $server "metrics_port" }}
+{{- int $server.metrics_port }}
+{{- else }}
+{{- int .Values.ports.metrics }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the gRPC port speaks TLS (tls.enabled, or config.server.tls set directly). */}}
+{{- define "gmtrouter.tlsOn" -}}
+{{- if or .Values.tls.enabled (dig "server" "tls" "cert_file" "" (.Values.config | default dict)) }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{/* The pods the Deployment runs at least: autoscaling.minReplicas or replicaCount. */}}
+{{- define "gmtrouter.minPods" -}}
+{{- if .Values.autoscaling.enabled }}{{ int .Values.autoscaling.minReplicas }}{{ else }}{{ int .Values.replicaCount }}{{ end }}
 {{- end }}
 
 {{- define "gmtrouter.serviceAccountName" -}}
@@ -89,7 +121,7 @@ app.kubernetes.io/component: router
 {{- $server := get $cfg "server" | default dict }}
 {{- $_ := set $server "host" "0.0.0.0" }}
 {{- $_ = set $server "port" (int .Values.ports.grpc) }}
-{{- $_ = set $server "metrics_port" (int .Values.ports.metrics) }}
+{{- $_ = set $server "metrics_port" (int (include "gmtrouter.metricsPort" .)) }}
 {{- if .Values.tls.enabled }}
 {{- $tls := dict "cert_file" "/etc/gmtrouter/tls/tls.crt" "key_file" "/etc/gmtrouter/tls/tls.key" }}
 {{- if .Values.tls.requireClientAuth }}
@@ -138,5 +170,48 @@ app.kubernetes.io/component: router
 {{- end }}
 {{- if and .Values.modelCheckpoint.enabled (not .Values.modelCheckpoint.fileName) }}
 {{- fail "modelCheckpoint.fileName must name the checkpoint file" }}
+{{- end }}
+{{- if and .Values.modelCheckpoint.enabled (not .Values.modelCheckpoint.existingClaim) }}
+{{- fail "modelCheckpoint.enabled needs modelCheckpoint.existingClaim: a PersistentVolumeClaim that already holds the checkpoint (modelCheckpoint.fileName, written by `gmtrouter train --out`), e.g. filled by a Job or by kubectl cp through a helper pod. The chart does not create the claim: a new one would be empty and the pods could not start" }}
+{{- end }}
+{{- $cfg := .Values.config | default dict }}
+{{- /* Secrets never go into the ConfigMap. */}}
+{{- if dig "store" "neo4j" "password" "" $cfg }}
+{{- fail "config.store.neo4j.password would be written in clear into the ConfigMap: remove it and set neo4jAuth.existingSecret (a Secret holding the password; recommended) or neo4jAuth.password (the chart creates the Secret)" }}
+{{- end }}
+{{- /* Cross-field rules of server/config.py, checked at install time. */}}
+{{- $tlsCfg := dig "server" "tls" dict $cfg }}
+{{- if and .Values.tls.enabled $tlsCfg }}
+{{- fail "config.server.tls is set by the chart when tls.enabled is true: set tls.existingSecret (and tls.requireClientAuth) instead of config.server.tls" }}
+{{- end }}
+{{- if ne (empty $tlsCfg.cert_file) (empty $tlsCfg.key_file) }}
+{{- fail "config.server.tls: cert_file and key_file must be set together (or use tls.enabled with tls.existingSecret)" }}
+{{- end }}
+{{- if and $tlsCfg.client_ca_file (empty $tlsCfg.cert_file) }}
+{{- fail "config.server.tls: client_ca_file needs cert_file and key_file (TLS) as well" }}
+{{- end }}
+{{- if and $tlsCfg.require_client_auth (empty $tlsCfg.client_ca_file) }}
+{{- fail "config.server.tls: require_client_auth needs client_ca_file" }}
+{{- end }}
+{{- $learning := dig "learning" dict $cfg }}
+{{- $lease := float64 (dig "lease_ttl_s" 180.0 $learning) }}
+{{- $check := float64 (dig "check_interval_s" 30.0 $learning) }}
+{{- $budget := float64 (dig "time_budget_s" 60.0 $learning) }}
+{{- if and (eq (dig "role" "auto" $learning) "auto") (le $lease (addf $check $budget)) }}
+{{- fail (printf "config.learning: lease_ttl_s (got %v) must exceed check_interval_s + time_budget_s (got %v + %v), or the trainer's lease can expire during a round" $lease $check $budget) }}
+{{- end }}
+{{- /* SIGTERM to exit takes at most drain_delay_s + grace_period_s + 10 s (store close,
+     STORE_CLOSE_TIMEOUT_S in server/app.py) + a few seconds: 15 s beyond the two. */}}
+{{- $drain := float64 (dig "server" "drain_delay_s" 0.0 $cfg) }}
+{{- $grace := float64 (dig "server" "grace_period_s" 10.0 $cfg) }}
+{{- $need := addf $drain $grace 15.0 }}
+{{- if lt (float64 .Values.terminationGracePeriodSeconds) $need }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be at least config.server.drain_delay_s (%v) + config.server.grace_period_s (%v) + 15 (store close 10 s + exit) = %v, or Kubernetes kills the pod before it has drained: raise terminationGracePeriodSeconds or lower those" .Values.terminationGracePeriodSeconds $drain $grace (ceil $need)) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (eq (include "gmtrouter.metricsPort" .) "0") }}
+{{- fail "metrics.serviceMonitor.enabled needs the metrics endpoint, but config.server.metrics_port is 0 (off): unset it (the chart then uses ports.metrics) or disable the ServiceMonitor" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}
 {{- end }}
