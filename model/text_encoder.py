@@ -25,8 +25,10 @@ normalisation):
 Both fast paths are used only for a plain Transformer → mean Pooling → Normalize model and
 only after a check that they reproduce sentence-transformers' own output within
 :data:`DIRECT_TOLERANCE` (max abs difference) on sample texts, one of them longer than the
-limit; otherwise (or when the export fails, e.g. a read-only cache) the encoder falls back to
-the torch path and logs a warning. Because every backend matches sentence-transformers within
+limit; otherwise (or when the export fails) the encoder falls back to the torch path and logs
+a warning. A cache directory that cannot be written (a container's read-only image layer,
+which holds only the default model's graph) is replaced by ``<tempdir>/gmtrouter-onnx`` for a
+graph it does not hold, with a warning. Because every backend matches sentence-transformers within
 1e-5, embeddings cached under the encoder *name* (``model.data.embed_texts``) are
 interchangeable between backends.
 """
@@ -252,7 +254,7 @@ class TextEncoder:
         names = [n for n in _ONNX_INPUTS if n in getattr(tokenizer, "model_input_names", ())]
         if names[:2] != ["input_ids", "attention_mask"]:
             return None
-        path = onnx_cache_dir() / f"{_slug(self.name)}-{_onnx_key(self._model_path, names)}.onnx"
+        path = _onnx_path(f"{_slug(self.name)}-{_onnx_key(self._model_path, names)}.onnx")
         if not path.is_file():
             _export_onnx(auto_model, tokenizer, names, path)
         import torch
@@ -393,6 +395,23 @@ def _matches(got: npt.NDArray[np.float32], reference: npt.NDArray[np.float32]) -
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").rsplit("/", 1)[-1]) or "model"
+
+
+def _onnx_path(filename: str) -> Path:
+    """Where the graph ``filename`` is (or is to be exported): in :func:`onnx_cache_dir`
+    when it is there or that directory can be written, else under the temporary directory."""
+    primary = onnx_cache_dir() / filename
+    if primary.is_file():
+        return primary
+    try:
+        primary.parent.mkdir(parents=True, exist_ok=True)
+        if os.access(primary.parent, os.W_OK):
+            return primary
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / "gmtrouter-onnx" / filename
+    log.warning("ONNX cache %s cannot be written; using %s", primary.parent, fallback.parent)
+    return fallback
 
 
 def _onnx_key(model_dir: Path, input_names: Sequence[str]) -> str:
