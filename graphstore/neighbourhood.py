@@ -140,6 +140,26 @@ class TurnRow(NamedTuple):
     ts: float
 
 
+def whole_interactions(turns: Sequence[TurnRow], limit: int) -> list[TurnRow]:
+    """The newest ``limit`` turns without an interaction cut in two by the cap.
+
+    A comparison is two turns (one per model) with one timestamp; a cap that keeps one and
+    drops the other would leave the user's history with half a comparison, e.g. a win
+    without its loss (the history readout then counts a one-sided outcome). So the stores
+    read ``limit + 1`` turns, newest first, and every turn of the interaction of the first
+    turn beyond the cap is dropped.
+
+    Args:
+        turns: Up to ``limit + 1`` turns, newest first (``ts`` descending, then ``turn_id``
+            descending, so one interaction's turns are adjacent).
+        limit: The cap (``fan_out[0]``).
+    """
+    if len(turns) <= limit:
+        return list(turns)
+    cut = turns[limit].interaction_id
+    return [t for t in turns[:limit] if t.interaction_id != cut]
+
+
 def assemble_neighbourhood(
     user_id: str,
     version: int,

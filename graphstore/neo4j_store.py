@@ -132,6 +132,7 @@ from graphstore.neighbourhood import (
     assemble_neighbourhood,
     check_sampling,
     link_previous_turns,
+    whole_interactions,
 )
 from graphstore.registry import KEEP_PUBLISHED, PublishedModel
 from graphstore.store import EMPTY_PAIR_GAMES, CallResult, GraphStore, settle_call
@@ -1402,11 +1403,11 @@ class Neo4jGraphStore(GraphStore):
         async def work(
             tx: AsyncManagedTransaction,
         ) -> tuple[int, list[TurnRow], dict[str, bytes]]:
-            rec = await (await tx.run(_SEED_TURNS, user_id=user_id, limit=caps[0])).single(
+            rec = await (await tx.run(_SEED_TURNS, user_id=user_id, limit=caps[0] + 1)).single(
                 strict=True
             )
             version = int(rec["version"])
-            turns = [_turn_row(t) for t in rec["turns"]]
+            turns = whole_interactions([_turn_row(t) for t in rec["turns"]], caps[0])
             embeddings = {i: bytes(e) for i, e in rec["embeddings"]}
             if hops >= 3 and turns:
                 llms = sorted({t.llm for t in turns})

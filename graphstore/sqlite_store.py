@@ -44,7 +44,13 @@ from graphstore.interactions import (
     is_retry_of,
     pair_deltas,
 )
-from graphstore.neighbourhood import Neighbourhood, TurnRow, assemble_neighbourhood, check_sampling
+from graphstore.neighbourhood import (
+    Neighbourhood,
+    TurnRow,
+    assemble_neighbourhood,
+    check_sampling,
+    whole_interactions,
+)
 from graphstore.registry import KEEP_PUBLISHED, PublishedModel
 from graphstore.store import EMPTY_PAIR_GAMES, CallResult, GraphStore, settle_call
 
@@ -448,9 +454,10 @@ class SQLiteGraphStore(GraphStore):
                 for r in conn.execute(
                     f"SELECT {cols} FROM turns WHERE user_id = ? "
                     "ORDER BY ts DESC, turn_id DESC LIMIT ?",
-                    (user_id, fan_out[0]),
+                    (user_id, fan_out[0] + 1),
                 )
             ]
+            turns = whole_interactions(turns, fan_out[0])
             if hops >= 3 and turns:
                 for llm in sorted({t.llm for t in turns}):
                     turns += [

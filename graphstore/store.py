@@ -94,7 +94,8 @@ class GraphStore(abc.ABC):
         """Sample the user's k-hop neighbourhood, newest first, with a fan-out cap per node.
 
         Graph distance from the user node (seed, "Graph Structure"):
-            1. the user's turns (the newest ``fan_out[0]``);
+            1. the user's turns (the newest ``fan_out[0]``, less the turns of an interaction
+               the cap would cut in two: :func:`graphstore.neighbourhood.whole_interactions`);
             2. their query, LLM, response and previous-turn nodes;
             3. other users' turns of the same LLMs (the newest ``fan_out[2]`` per LLM);
             4. those turns' users, queries and responses.

@@ -565,6 +565,21 @@ async def test_newest_first_and_user_fan_out_cap(store: GraphStore) -> None:
     assert everything.num_turns == 12 and everything.user_ids == ["u1"]
 
 
+async def test_the_user_fan_out_cap_never_splits_a_comparison(store: GraphStore) -> None:
+    """Three comparisons (two turns each) under a cap of 5 turns: the oldest comparison
+    would keep one of its turns (a win without its loss); it is left out whole."""
+    await store.record(
+        [
+            make(i, session=f"s{i}", ts=100.0 + i, comparison=Comparison("m-a", "m-b"))
+            for i in (1, 2, 3)
+        ]
+    )
+    n = await store.neighbourhood("u1", hops=2, fan_out=(5, 8, 16, 8))
+    assert sorted(n.query_ids) == ["i0002", "i0003"] and n.num_turns == 4
+    assert (await store.neighbourhood("u1", hops=2, fan_out=(6, 8, 16, 8))).num_turns == 6
+    assert (await store.neighbourhood("u1", hops=2, fan_out=(1, 8, 16, 8))).num_turns == 0
+
+
 async def test_embeddings_per_query(store: GraphStore) -> None:
     await store.record([make(1, comparison=Comparison("m-a", "m-b")), make(2), make(3)])
     n = await store.neighbourhood("u1")
