@@ -40,7 +40,7 @@ INT_OR_PERCENT = {
         {"type": "string", "pattern": "^(0|[1-9][0-9]*)$"},
         {"type": "string", "pattern": "^(0|[1-9][0-9]?|100)%$"},
     ],
-    "description": "An integer (or an integer string, e.g. \"2\") or a percentage (\"50%\").",
+    "description": 'An integer (or an integer string, e.g. "2") or a percentage ("50%").',
 }
 # Prometheus duration (the pattern of the prometheus-operator CRDs' Duration), e.g. 1m30s.
 DURATION = {
