@@ -295,14 +295,16 @@ def _server_options(cfg: ServerSettings) -> tuple[tuple[str, int], ...]:
 
     grpc enables SO_REUSEPORT by default: a second server on a port in use would then start
     and take part of the connections. Off, binding a used port fails. With
-    ``server.max_connection_age_s`` each connection gets a GOAWAY after that age (in-flight
-    calls get ``grace_period_s`` more): clients reconnect, and a client behind a Kubernetes
-    Service or on a headless Service's DNS name reaches replicas added since.
+    ``server.max_connection_age_s`` each connection gets a GOAWAY after that age: clients
+    start new calls on a new connection, and a client behind a Kubernetes Service or on a
+    headless Service's DNS name reaches replicas added since. Calls in flight on the old
+    connection, long-lived StreamPreferences streams included, run on until they end
+    (grpc's default unbounded ``max_connection_age_grace_ms``): a bounded grace would cut
+    every preference stream at each age-out.
     """
     options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
     if cfg.max_connection_age_s > 0:
         options.append(("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)))
-        options.append(("grpc.max_connection_age_grace_ms", round(cfg.grace_period_s * 1000)))
     return tuple(options)
 
 

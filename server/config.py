@@ -151,9 +151,19 @@ class ServerSettings(_Section):
         0.0,
         ge=0,
         le=86400,
-        description="Close each client connection (HTTP/2 GOAWAY) after this many seconds, "
-        "so that clients reconnect and spread over replicas added since (0 = never).",
+        description="Send each client connection an HTTP/2 GOAWAY after this many seconds, so "
+        "that clients start new calls on a new connection and spread over replicas added "
+        "since; calls and preference streams in flight run on until they end (0 = never; "
+        "else at least 1).",
     )
+
+    @field_validator("max_connection_age_s")
+    @classmethod
+    def _connection_age(cls, age: float) -> float:
+        if 0 < age < 1:
+            raise ValueError(f"must be 0 (never) or at least 1 second, got {age:g}")
+        return age
+
     max_workers: int = Field(
         1, ge=1, le=8, description="Threads for torch work (the HGT encode, text embedding)."
     )

@@ -17,12 +17,13 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gmtrouter.v1 import router_pb2 as pb
 from gmtrouter.v1 import router_pb2_grpc
 from graphstore.sqlite_store import SQLiteGraphStore
 from server.app import RouterServer
-from server.config import parse_settings
+from server.config import ConfigError, parse_settings
 from tests.conftest import REPO, free_port
-from tests.server.inprocess import DIM, select_request
+from tests.server.inprocess import DIM, record_comparison, select_request
 
 
 def _accepts(port: int) -> bool:
@@ -108,17 +109,26 @@ async def test_drain_delay_keeps_answering_while_health_says_not_serving() -> No
 
 async def test_max_connection_age_recycles_connections_without_failing_calls() -> None:
     """``server.max_connection_age_s``: the server sends GOAWAY after that age, the client
-    reconnects (and could reach another replica), and no call fails."""
+    starts new calls on a new connection (and could reach another replica), and no call
+    fails; a preference stream opened before the age-out keeps running and still delivers."""
     port = free_port()
     settings = parse_settings(
-        {"server": {"port": port, "metrics_port": 0, "max_connection_age_s": 0.5}}
+        {"server": {"port": port, "metrics_port": 0, "max_connection_age_s": 1}}
     )
     app = RouterServer(settings, store=SQLiteGraphStore(":memory:", embedding_dim=DIM), environ={})
     await app.start(warm_up=False)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = router_pb2_grpc.RouterServiceStub(ch)
-            await stub.Select(select_request("age-user"), timeout=5)
+            await record_comparison(stub, "age-user", "q", "a", "b", 0)
+            stream = stub.StreamPreferences(
+                pb.StreamPreferencesRequest(
+                    user_ids=["age-user"],
+                    candidate_models=[pb.CandidateModel(model="a"), pb.CandidateModel(model="b")],
+                )
+            )
+            first = await stream.read()
+            assert [p.model for p in first.preferences] == ["a", "b"]
             states: list[grpc.ChannelConnectivity] = []
 
             async def watch() -> None:
@@ -130,7 +140,7 @@ async def test_max_connection_age_recycles_connections_without_failing_calls() -
 
             watcher = asyncio.ensure_future(watch())
             loop = asyncio.get_running_loop()
-            end = loop.time() + 2.5
+            end = loop.time() + 3.5
             calls = 0
             while loop.time() < end:
                 await stub.Select(select_request("age-user"), timeout=5)
@@ -138,10 +148,18 @@ async def test_max_connection_age_recycles_connections_without_failing_calls() -
                 await asyncio.sleep(0.02)
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-        assert calls > 20
+            # The stream outlived three age-outs and still delivers: b overtakes a.
+            for n in range(1, 4):
+                await record_comparison(stub, "age-user", f"q{n}", "b", "a", n)
+            update = await asyncio.wait_for(stream.read(), 30)
+            assert [p.model for p in update.preferences] == ["b", "a"]
+            stream.cancel()
+        assert calls > 30
         # The connection was closed by the server's GOAWAY at least once and re-established.
         assert grpc.ChannelConnectivity.READY in states, states
         assert any(s is not grpc.ChannelConnectivity.READY for s in states), states
+        with pytest.raises(ConfigError, match="at least 1 second"):
+            parse_settings({"server": {"max_connection_age_s": 0.5}})
     finally:
         await app.stop(0)
 
