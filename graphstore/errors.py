@@ -9,6 +9,12 @@ class StoreUnavailableError(GraphStoreError):
     """The store cannot be reached or did not answer in time; nothing was written."""
 
 
+class StoreRefusedError(StoreUnavailableError):
+    """The store answered and refused the service's configuration: the credentials, the
+    database name or the URI. Retrying does not help until the configuration changes (a
+    start-up that waits for an unreachable store, ``store.open_wait_s``, gives up at once)."""
+
+
 class CommitOutcomeUnknownError(StoreUnavailableError):
     """A write's commit was sent, but whether it was applied is unknown.
 

@@ -110,6 +110,7 @@ from neo4j.api import AsyncBookmarkManager
 from graphstore.errors import (
     CommitOutcomeUnknownError,
     IdempotencyConflictError,
+    StoreRefusedError,
     StoreUnavailableError,
 )
 from graphstore.factory import Neo4jCredentials
@@ -957,7 +958,7 @@ class Neo4jGraphStore(GraphStore):
                 notifications_min_severity="OFF",
             )
         except (neo4j_errors.ConfigurationError, ValueError) as exc:
-            raise StoreUnavailableError(f"invalid Neo4j URI {self.uri!r}: {exc}") from exc
+            raise StoreRefusedError(f"invalid Neo4j URI {self.uri!r}: {exc}") from exc
         try:
             await driver.verify_connectivity()
             async with driver.session(database=self.database) as session:
@@ -1058,10 +1059,16 @@ class Neo4jGraphStore(GraphStore):
                 f"{hint}"
             )
         if isinstance(exc, neo4j_errors.AuthError):
-            return StoreUnavailableError(
+            return StoreRefusedError(
                 f"{where} refused the credentials of user {self.credentials.user!r} "
                 f"during {what}; check NEO4J_USER / NEO4J_PASSWORD "
                 f"({type(exc).__name__}: {getattr(exc, 'code', None) or 'auth failed'})"
+            )
+        if what == "open" and isinstance(exc, neo4j_errors.ClientError):
+            # e.g. Neo.ClientError.Database.DatabaseNotFound: the configuration is wrong.
+            return StoreRefusedError(
+                f"{where} refused {what}: {getattr(exc, 'code', None) or type(exc).__name__}: "
+                f"{getattr(exc, 'message', None) or exc}"
             )
         if isinstance(
             exc,

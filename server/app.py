@@ -31,7 +31,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gmtrouter.v1 import router_pb2, router_pb2_grpc
-from graphstore.errors import StoreUnavailableError
+from graphstore.errors import StoreRefusedError, StoreUnavailableError
 from graphstore.factory import Neo4jCredentials, create_store
 from graphstore.interactions import query_key
 from graphstore.store import GraphStore
@@ -312,6 +312,9 @@ async def _open_store(store: GraphStore, wait_s: float) -> None:
     """Open the store; while it is unavailable, retry for up to ``wait_s`` seconds.
 
     Raises:
+        graphstore.errors.StoreRefusedError: at once: the store refused the credentials, the
+            database or the URI (retrying would not help, and repeated logins with a wrong
+            password can lock the user out for every replica).
         graphstore.errors.StoreUnavailableError: it still cannot be opened after ``wait_s``
             (at once when ``wait_s`` is 0).
     """
@@ -322,6 +325,8 @@ async def _open_store(store: GraphStore, wait_s: float) -> None:
         try:
             await store.open()
             return
+        except StoreRefusedError:
+            raise
         except StoreUnavailableError as exc:
             left = deadline - loop.time()
             if left <= 0:

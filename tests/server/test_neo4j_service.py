@@ -51,3 +51,35 @@ def test_serve_on_neo4j(clean_neo4j: Neo4jTarget, tmp_path: Path) -> None:
             database_=creds.database,
         )
     assert records[0]["n"] == 2
+
+
+async def test_a_refused_configuration_is_not_retried_at_start_up(
+    clean_neo4j: Neo4jTarget,
+) -> None:
+    """``store.open_wait_s`` waits for a store that is not there yet, not for one that
+    refuses the configuration (here: a database that does not exist; a wrong password is
+    refused the same way, and retrying it could lock the user out for every replica)."""
+    import asyncio
+
+    from graphstore.errors import StoreRefusedError
+    from graphstore.factory import Neo4jCredentials
+    from graphstore.neo4j_store import Neo4jGraphStore
+    from server.app import RouterServer
+    from server.config import parse_settings
+
+    creds = clean_neo4j.credentials
+    store = Neo4jGraphStore(
+        clean_neo4j.uri, Neo4jCredentials(creds.user, creds.password, "nosuchdb"), 384
+    )
+    settings = parse_settings(
+        {"server": {"port": 0, "metrics_port": 0}, "store": {"open_wait_s": 60}}
+    )
+    app = RouterServer(settings, store=store, environ={})
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        with pytest.raises(StoreRefusedError, match="nosuchdb"):
+            await app.start(warm_up=False)
+        assert loop.time() - began < 30
+    finally:
+        await app.stop(0, 0)
