@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -73,8 +75,9 @@ class CertificateFiles:
     size and inode at most every :attr:`check_interval_s` seconds; when any changed, it
     reads them again and hands grpc the new configuration. A Kubernetes Secret volume swaps
     all files at once (a symlink), so a renewed certificate and its key arrive together.
-    Connections open at the time keep their certificate. A file that cannot be read is
-    logged and the current configuration stays in use.
+    Connections open at the time keep their certificate. Files that cannot be read, or a
+    certificate that does not match its key (one file renewed, the other not yet), are
+    logged and the current configuration stays in use; the next change is tried again.
 
     Args:
         tls: The settings; ``cert_file`` and ``key_file`` must be set.
@@ -93,6 +96,7 @@ class CertificateFiles:
         self._lock = threading.Lock()
         self._next_check = 0.0
         self._stamp = self._stamps()
+        self._failed: tuple[tuple[int, int, int], ...] | None = None  # logged already
         #: The configuration grpc uses for new connections.
         self.current = self._load()
         #: How many times changed files were loaded since start-up.
@@ -109,6 +113,7 @@ class CertificateFiles:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         pem = {setting: _read(path, setting) for setting, path in self._files.items()}
+        _check_pair(pem["server.tls.cert_file"], pem["server.tls.key_file"])
         return grpc.ssl_server_certificate_configuration(
             [(pem["server.tls.key_file"], pem["server.tls.cert_file"])],
             root_certificates=pem.get("server.tls.client_ca_file"),
@@ -123,11 +128,20 @@ class CertificateFiles:
                 return None
             self._next_check = now + self.check_interval_s
             stamp = self._stamps()
-            if stamp is None or stamp == self._stamp:
+            if stamp == self._stamp or (stamp is not None and stamp == self._failed):
+                return None
+            if stamp is None:
+                if self._stamp is not None:
+                    log.error(
+                        "TLS file missing; keeping the current certificate",
+                        files=sorted(self._files.values()),
+                    )
+                self._stamp = None
                 return None
             try:
                 config = self._load()
             except SecurityConfigError as exc:
+                self._failed = stamp
                 log.error("TLS files not reloaded; keeping the current ones", error=str(exc))
                 return None
             self._stamp = stamp
@@ -135,6 +149,22 @@ class CertificateFiles:
             self.reloads += 1
         log.info("TLS files reloaded", files=sorted(self._files.values()))
         return config
+
+
+def _check_pair(cert: bytes, key: bytes) -> None:
+    """Raise :class:`SecurityConfigError` unless ``key`` is the private key of the first
+    certificate in ``cert`` (both PEM), checked by OpenSSL through :mod:`ssl`."""
+    with tempfile.TemporaryDirectory(prefix="gmtrouter-tls-") as folder:
+        cert_path, key_path = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        cert_path.write_bytes(cert)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise SecurityConfigError(
+                f"server.tls.cert_file and server.tls.key_file do not form a pair: {exc.reason}"
+            ) from None
 
 
 def server_credentials(

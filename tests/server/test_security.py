@@ -93,11 +93,17 @@ async def test_a_renewed_certificate_is_used_without_a_restart(tmp_path: Path) -
         target = f"localhost:{app.port}"
         async with grpc.aio.secure_channel(target, _creds(old)) as ch:
             assert (await _select(ch)).selected_model in {"a", "b"}
+        # A half-done renewal: the new certificate with the old key is not a pair; the old
+        # certificate stays in use (grpc would otherwise fail every new handshake).
+        cert.write_bytes(new["server"].read_bytes())
+        await asyncio.sleep(1.2)  # the files are looked at no more than once a second
+        async with grpc.aio.secure_channel(target, _creds(old)) as ch:
+            assert (await _select(ch)).selected_model in {"a", "b"}
         # Renewed the way a Secret volume swaps files: both at once (here: one rename each).
         for name, src in ((cert, new["server"]), (key, new["server_key"])):
             name.with_suffix(".tmp").write_bytes(src.read_bytes())
             name.with_suffix(".tmp").replace(name)
-        await asyncio.sleep(1.2)  # the files are looked at no more than once a second
+        await asyncio.sleep(1.2)
         async with grpc.aio.secure_channel(target, _creds(new)) as ch:
             assert (await _select(ch)).selected_model in {"a", "b"}
         async with grpc.aio.secure_channel(target, _creds(old)) as ch:
@@ -118,6 +124,15 @@ def test_tls_settings_validation() -> None:
         parse_settings(
             {"server": {"tls": {"cert_file": "a", "key_file": "b", "require_client_auth": True}}}
         )
+
+
+async def test_a_certificate_that_does_not_match_its_key_fails_start(
+    certs: dict[str, Path],
+) -> None:
+    tls = {"cert_file": str(certs["server"]), "key_file": str(certs["client_key"])}
+    with pytest.raises(SecurityConfigError, match="do not form a pair"):
+        async with running({"tls": tls}):
+            pass
 
 
 async def test_missing_certificate_file_fails_start(tmp_path: Path) -> None:
