@@ -46,13 +46,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from graphstore.errors import StoreUnavailableError
+from graphstore.interactions import RecordedComparison
 from graphstore.registry import PublishedModel
 from graphstore.store import GraphStore
 from model.checkpoint import CheckpointError, checkpoint_bytes, load_checkpoint_bytes
@@ -102,6 +104,36 @@ class _RoundOutcome:
     reason: str
     metrics: dict[str, Any]
     checkpoint: bytes | None
+
+
+def prepare_recorded(
+    rows: Sequence[RecordedComparison], models: Sequence[str], llm_x: npt.NDArray[np.float32]
+) -> PreparedData:
+    """A round's training data from the store's recent comparisons
+    (:func:`model.online.prepare_comparisons`; a comparison without a ``session_id`` is a
+    session of its own, :func:`model.online.training_sessions`).
+
+    Args:
+        rows: ``N`` comparisons, as :meth:`GraphStore.recent_comparisons` returns them.
+        models: ``M`` model names, the row order of ``llm_x``; every row's models among them.
+        llm_x: float32 ``[M, D_llm]`` LLM node features.
+
+    Raises:
+        ValueError: a model has no feature row.
+    """
+    return prepare_comparisons(
+        user_ids=[r.user_id for r in rows],
+        session_ids=training_sessions(
+            [r.session_id for r in rows], [r.interaction_id for r in rows]
+        ),
+        turn_index=np.array([r.turn_index for r in rows], dtype=np.int64),
+        query_embedding=np.stack([r.query_embedding for r in rows]),
+        model_a=[r.winner_model for r in rows],
+        model_b=[r.loser_model for r in rows],
+        outcome_a=np.array([0.5 if r.tie else 1.0 for r in rows], dtype=np.float32),
+        models=models,
+        llm_x=llm_x,
+    )
 
 
 def _fine_tune_round(
@@ -390,19 +422,7 @@ class OnlineLearner:
         )
 
         def prepare() -> tuple[bytes, PreparedData]:  # in a thread, never the event loop
-            prep = prepare_comparisons(
-                user_ids=[r.user_id for r in rows],
-                session_ids=training_sessions(
-                    [r.session_id for r in rows], [r.interaction_id for r in rows]
-                ),
-                turn_index=np.array([r.turn_index for r in rows], dtype=np.int64),
-                query_embedding=np.stack([r.query_embedding for r in rows]),
-                model_a=[r.winner_model for r in rows],
-                model_b=[r.loser_model for r in rows],
-                outcome_a=np.array([0.5 if r.tie else 1.0 for r in rows], dtype=np.float32),
-                models=models,
-                llm_x=llm_x,
-            )
+            prep = prepare_recorded(rows, models, llm_x)
             return checkpoint_bytes(base, served.network), prep
 
         loop = asyncio.get_running_loop()

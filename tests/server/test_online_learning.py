@@ -409,3 +409,31 @@ def test_the_worker_exits_when_its_server_is_killed(tmp_path: Path) -> None:
         proc.kill()
         if worker and _running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+async def test_feedback_without_session_ids_gives_a_round_one_session_per_comparison() -> None:
+    """Feedback recorded through the API without a ``session_id`` (the Go client sends none
+    when the router knows no conversation id) reaches a round as one session per
+    comparison; as one session per user, every round was rejected ("no user with two
+    sessions")."""
+    import numpy as np
+
+    from server.learning import prepare_recorded
+    from tests.server.inprocess import emb, running
+
+    async with running() as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for n in range(20):
+            await stub.RecordResponse(
+                pb.RecordResponseRequest(
+                    user_id=f"user-{n % 2}",
+                    query=f"question {n}",
+                    query_embedding=emb(n),
+                    comparison=pb.Comparison(winner_model="a", loser_model="b"),
+                )
+            )
+        rows = await app.store.recent_comparisons(100)
+    assert len(rows) == 20 and {r.session_id for r in rows} == {""}
+    prep = prepare_recorded(rows, ["a", "b"], np.ones((2, 384), dtype=np.float32))
+    assert len(set(prep.session.tolist())) == 20
+    assert {prep.users[u] for u in prep.user.tolist()} == {"user-0", "user-1"}
