@@ -172,7 +172,7 @@ app.kubernetes.io/component: metrics
 {{- fail "modelCheckpoint.fileName must name the checkpoint file" }}
 {{- end }}
 {{- if and .Values.modelCheckpoint.enabled (not .Values.modelCheckpoint.existingClaim) }}
-{{- fail "modelCheckpoint.enabled needs modelCheckpoint.existingClaim: a PersistentVolumeClaim that already holds the checkpoint (modelCheckpoint.fileName, written by `gmtrouter train --out`), e.g. filled by a Job or by kubectl cp through a helper pod. The chart does not create the claim: a new one would be empty and the pods could not start" }}
+{{- fail (printf "modelCheckpoint.enabled needs modelCheckpoint.existingClaim: a PersistentVolumeClaim that already holds the checkpoint (modelCheckpoint.fileName, written by `gmtrouter train --out`), e.g. filled by a Job or by kubectl cp through a helper pod. The chart does not create the claim: a new one would be empty and the pods could not start. Upgrading from chart 0.1.x, whose claim was kept: set modelCheckpoint.existingClaim=%s-model" (include "gmtrouter.fullname" .)) }}
 {{- end }}
 {{- $cfg := .Values.config | default dict }}
 {{- /* Secrets never go into the ConfigMap. */}}
