@@ -128,6 +128,7 @@ async def test_max_connection_age_recycles_connections_without_failing_calls() -
                 )
             )
             first = await stream.read()
+            assert isinstance(first, pb.PreferenceUpdate)
             assert [p.model for p in first.preferences] == ["a", "b"]
             states: list[grpc.ChannelConnectivity] = []
 
@@ -152,6 +153,7 @@ async def test_max_connection_age_recycles_connections_without_failing_calls() -
             for n in range(1, 4):
                 await record_comparison(stub, "age-user", f"q{n}", "b", "a", n)
             update = await asyncio.wait_for(stream.read(), 30)
+            assert isinstance(update, pb.PreferenceUpdate)
             assert [p.model for p in update.preferences] == ["b", "a"]
             stream.cancel()
         assert calls > 30
