@@ -562,6 +562,19 @@ MAX_CONCURRENT_WRITES = 1
 
 #: Attempts of one schema statement at open() when it fails transiently (replicas creating
 #: the schema of a fresh database at once deadlock in Neo4j).
+#: Neo4j status codes that refuse the configuration when the store opens (a wrong database
+#: name, a user without the rights): start-up gives up at once instead of retrying for
+#: ``store.open_wait_s``. Anything else that fails at open (rate-limited logins, a terminated
+#: or timed-out schema transaction) may pass, and is retried. Wrong credentials
+#: (``AuthError``) are refused too, in every operation. A database that a cluster is still
+#: creating counts as not found: the pod exits and Kubernetes restarts it.
+_REFUSED_AT_OPEN = frozenset(
+    {
+        "Neo.ClientError.Database.DatabaseNotFound",
+        "Neo.ClientError.Security.Forbidden",
+    }
+)
+
 _SCHEMA_ATTEMPTS = 8
 
 #: Attempts of one write group when a concurrent writer wins a uniqueness race.
@@ -1064,8 +1077,7 @@ class Neo4jGraphStore(GraphStore):
                 f"during {what}; check NEO4J_USER / NEO4J_PASSWORD "
                 f"({type(exc).__name__}: {getattr(exc, 'code', None) or 'auth failed'})"
             )
-        if what == "open" and isinstance(exc, neo4j_errors.ClientError):
-            # e.g. Neo.ClientError.Database.DatabaseNotFound: the configuration is wrong.
+        if what == "open" and getattr(exc, "code", None) in _REFUSED_AT_OPEN:
             return StoreRefusedError(
                 f"{where} refused {what}: {getattr(exc, 'code', None) or type(exc).__name__}: "
                 f"{getattr(exc, 'message', None) or exc}"

@@ -152,19 +152,28 @@ class CertificateFiles:
 
 
 def _check_pair(cert: bytes, key: bytes) -> None:
-    """Raise :class:`SecurityConfigError` unless ``key`` is the private key of the first
-    certificate in ``cert`` (both PEM), checked by OpenSSL through :mod:`ssl`."""
-    with tempfile.TemporaryDirectory(prefix="gmtrouter-tls-") as folder:
-        cert_path, key_path = Path(folder, "cert.pem"), Path(folder, "key.pem")
-        cert_path.write_bytes(cert)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(key)
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
-            raise SecurityConfigError(
-                f"server.tls.cert_file and server.tls.key_file do not form a pair: {exc.reason}"
-            ) from None
+    """Raise :class:`SecurityConfigError` unless ``key`` is the unencrypted private key of
+    the first certificate in ``cert`` (both PEM), checked by OpenSSL through :mod:`ssl` (in
+    a private temporary folder, removed afterwards). grpc cannot use an encrypted key either;
+    the empty password makes OpenSSL refuse one instead of prompting for a pass phrase."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="gmtrouter-tls-") as folder:
+            cert_path, key_path = Path(folder, "cert.pem"), Path(folder, "key.pem")
+            cert_path.write_bytes(cert)
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                cert_path, key_path, password=b""
+            )
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(
+            "server.tls.cert_file and server.tls.key_file do not form a pair (mismatched, an "
+            f"encrypted key, or not PEM): {exc.reason or exc}"
+        ) from None
+    except OSError as exc:
+        raise SecurityConfigError(
+            f"server.tls: cannot check the certificate against its key: {exc}"
+        ) from None
 
 
 def server_credentials(

@@ -255,6 +255,7 @@ refuse 'config.store.neo4j.password .*neo4jAuth.existingSecret' "${NEO[@]}" --se
 refuse 'terminationGracePeriodSeconds \(30\) must be at least .*drain_delay_s \(5\) .*grace_period_s \(20\)' \
   --set config.server.grace_period_s=20 --set terminationGracePeriodSeconds=30
 refuse 'lease_ttl_s \(got 90\) must exceed check_interval_s \+ time_budget_s' --set config.learning.lease_ttl_s=90
+refuse 'max_connection_age_s: must be 0 \(never\) or at least 1 second' --set-json config.server.max_connection_age_s=0.5
 refuse 'cert_file and key_file must be set together' --set config.server.tls.cert_file=/tls/tls.crt
 refuse 'cert_file and key_file must be set together' --set config.server.tls.key_file=/tls/tls.key
 refuse 'serviceMonitor.enabled needs the metrics endpoint' \

@@ -193,6 +193,10 @@ app.kubernetes.io/component: metrics
 {{- if and $tlsCfg.require_client_auth (empty $tlsCfg.client_ca_file) }}
 {{- fail "config.server.tls: require_client_auth needs client_ca_file" }}
 {{- end }}
+{{- $age := float64 (dig "server" "max_connection_age_s" 0.0 $cfg) }}
+{{- if and (gt $age 0.0) (lt $age 1.0) }}
+{{- fail (printf "config.server.max_connection_age_s: must be 0 (never) or at least 1 second, got %v" $age) }}
+{{- end }}
 {{- $learning := dig "learning" dict $cfg }}
 {{- $lease := float64 (dig "lease_ttl_s" 180.0 $learning) }}
 {{- $check := float64 (dig "check_interval_s" 30.0 $learning) }}
