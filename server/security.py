@@ -84,7 +84,8 @@ class CertificateFiles:
         check_interval_s: Least time between two looks at the files, in seconds.
 
     Raises:
-        SecurityConfigError: a PEM file is missing or unreadable at construction.
+        SecurityConfigError: at construction, a PEM file is missing or unreadable, or the
+            certificate and key do not form a pair (see :func:`_check_pair`).
     """
 
     def __init__(self, tls: TLSSettings, check_interval_s: float = 1.0) -> None:
@@ -185,7 +186,8 @@ def server_credentials(
     than every ``check_interval_s`` seconds.
 
     Raises:
-        SecurityConfigError: a PEM file is missing or unreadable.
+        SecurityConfigError: a PEM file is missing or unreadable, or the certificate does not
+            match its key (or the key is encrypted).
     """
     if tls.cert_file is None or tls.key_file is None:
         return None
