@@ -23,7 +23,7 @@ from graphstore.sqlite_store import SQLiteGraphStore
 from server.app import RouterServer
 from server.config import ConfigError, parse_settings
 from tests.conftest import REPO, free_port
-from tests.server.inprocess import DIM, record_comparison, select_request
+from tests.server.inprocess import DIM, record_comparison, running, select_request
 
 
 def _accepts(port: int) -> bool:
@@ -111,59 +111,53 @@ async def test_max_connection_age_recycles_connections_without_failing_calls() -
     """``server.max_connection_age_s``: the server sends GOAWAY after that age, the client
     starts new calls on a new connection (and could reach another replica), and no call
     fails; a preference stream opened before the age-out keeps running and still delivers."""
-    port = free_port()
-    settings = parse_settings(
-        {"server": {"port": port, "metrics_port": 0, "max_connection_age_s": 1}}
-    )
-    app = RouterServer(settings, store=SQLiteGraphStore(":memory:", embedding_dim=DIM), environ={})
-    await app.start(warm_up=False)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = router_pb2_grpc.RouterServiceStub(ch)
-            await record_comparison(stub, "age-user", "q", "a", "b", 0)
-            stream = stub.StreamPreferences(
-                pb.StreamPreferencesRequest(
-                    user_ids=["age-user"],
-                    candidate_models=[pb.CandidateModel(model="a"), pb.CandidateModel(model="b")],
-                )
+    async with (
+        running({"max_connection_age_s": 1}) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch,
+    ):
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        await record_comparison(stub, "age-user", "q", "a", "b", 0)
+        stream = stub.StreamPreferences(
+            pb.StreamPreferencesRequest(
+                user_ids=["age-user"],
+                candidate_models=[pb.CandidateModel(model="a"), pb.CandidateModel(model="b")],
             )
-            first = await stream.read()
-            assert isinstance(first, pb.PreferenceUpdate)
-            assert [p.model for p in first.preferences] == ["a", "b"]
-            states: list[grpc.ChannelConnectivity] = []
+        )
+        first = await stream.read()
+        assert isinstance(first, pb.PreferenceUpdate)
+        assert [p.model for p in first.preferences] == ["a", "b"]
+        states: list[grpc.ChannelConnectivity] = []
 
-            async def watch() -> None:
+        async def watch() -> None:
+            state = ch.get_state()
+            while True:
+                await ch.wait_for_state_change(state)
                 state = ch.get_state()
-                while True:
-                    await ch.wait_for_state_change(state)
-                    state = ch.get_state()
-                    states.append(state)
+                states.append(state)
 
-            watcher = asyncio.ensure_future(watch())
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 3.5
-            calls = 0
-            while loop.time() < end:
-                await stub.Select(select_request("age-user"), timeout=5)
-                calls += 1
-                await asyncio.sleep(0.02)
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-            # The stream outlived three age-outs and still delivers: b overtakes a.
-            for n in range(1, 4):
-                await record_comparison(stub, "age-user", f"q{n}", "b", "a", n)
-            update = await asyncio.wait_for(stream.read(), 30)
-            assert isinstance(update, pb.PreferenceUpdate)
-            assert [p.model for p in update.preferences] == ["b", "a"]
-            stream.cancel()
-        assert calls > 30
-        # The connection was closed by the server's GOAWAY at least once and re-established.
-        assert grpc.ChannelConnectivity.READY in states, states
-        assert any(s is not grpc.ChannelConnectivity.READY for s in states), states
-        with pytest.raises(ConfigError, match="at least 1 second"):
-            parse_settings({"server": {"max_connection_age_s": 0.5}})
-    finally:
-        await app.stop(0)
+        watcher = asyncio.ensure_future(watch())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3.5
+        calls = 0
+        while loop.time() < end:
+            await stub.Select(select_request("age-user"), timeout=5)
+            calls += 1
+            await asyncio.sleep(0.02)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        # The stream outlived three age-outs and still delivers: b overtakes a.
+        for n in range(1, 4):
+            await record_comparison(stub, "age-user", f"q{n}", "b", "a", n)
+        update = await asyncio.wait_for(stream.read(), 30)
+        assert isinstance(update, pb.PreferenceUpdate)
+        assert [p.model for p in update.preferences] == ["b", "a"]
+        stream.cancel()
+    assert calls > 30
+    # The connection was closed by the server's GOAWAY at least once and re-established.
+    assert grpc.ChannelConnectivity.READY in states, states
+    assert any(s is not grpc.ChannelConnectivity.READY for s in states), states
+    with pytest.raises(ConfigError, match="at least 1 second"):
+        parse_settings({"server": {"max_connection_age_s": 0.5}})
 
 
 async def test_a_store_that_stays_unreachable_fails_the_start_after_open_wait_s() -> None:
